@@ -1,0 +1,217 @@
+"""Reader for robomimic hdf5 datasets (Mandlekar et al. 2021, ARISE-Initiative/robomimic).
+
+The layout, as robomimic's ``dataset_states_to_obs.py`` writes it::
+
+    data/                      attrs: env_args (JSON), total
+      demo_0/                  attrs: num_samples, model_file
+        actions   (T, 7)       xyz, axis-angle, gripper (delta, or absolute in *_abs.hdf5)
+        states    (T, S)       flattened MuJoCo states
+        rewards   (T,)   dones (T,)
+        obs/<key> (T, ...)     low-dim (T, d) float, images (T, H, W, 3) uint8, upright
+    mask/<filter>              names of the demos in a split, e.g. mask/train, mask/valid
+
+Demos may be numbered from 0 or from 1; they are read in numeric order. Statistics of actions and
+low-dim keys are computed once over the whole file and cached beside it in
+``<file>.mimictest-stats.json`` (invalidated when the file's size or mtime changes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+
+import h5py
+import numpy as np
+
+from mimictest.data.windows import WindowDataset
+
+
+def _demo_sort_key(name: str) -> int:
+    match = re.fullmatch(r"demo_(\d+)", name)
+    if match is None:
+        raise ValueError(f"unexpected group data/{name}; robomimic demos are named demo_<N>")
+    return int(match.group(1))
+
+
+def _open(path: str) -> h5py.File:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"robomimic dataset not found: {path!r}; check DATASET_PATH in the script")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise OSError(f"{path!r} is not a readable hdf5 file ({err}); is the download complete?") from err
+
+
+def demo_names(f: h5py.File, filter_key: str | None = None) -> list[str]:
+    """Demo group names in numeric order, restricted to ``mask/<filter_key>`` when given."""
+    if "data" not in f:
+        raise KeyError(f"{f.filename!r} has no 'data' group; it is not a robomimic dataset")
+    names = sorted(f["data"].keys(), key=_demo_sort_key)
+    if filter_key is not None:
+        if f"mask/{filter_key}" not in f:
+            available = sorted(f["mask"].keys()) if "mask" in f else []
+            raise KeyError(f"{f.filename!r} has no filter mask/{filter_key}; available filters: {available}")
+        keep = {n.decode() if isinstance(n, bytes) else str(n) for n in f[f"mask/{filter_key}"][()]}
+        names = [n for n in names if n in keep]
+    if not names:
+        raise ValueError(f"{f.filename!r} contains no demos" + (f" in filter {filter_key!r}" if filter_key else ""))
+    return names
+
+
+def _check_obs_keys(f: h5py.File, demo: str, keys: list[str]) -> None:
+    available = sorted(f[f"data/{demo}/obs"].keys())
+    missing = [k for k in keys if k not in available]
+    if missing:
+        raise KeyError(
+            f"{f.filename!r} has no observation key(s) {missing} (in data/{demo}/obs); available keys: {available}. "
+            "Set RGB_KEYS / LOW_DIM_KEYS in the script to keys the file has, or regenerate it with images "
+            "(robomimic's dataset_states_to_obs.py, or `python -m mimictest.demos lift --image`)"
+        )
+
+
+def _key_stats(f: h5py.File, names: list[str], dataset: str) -> dict[str, list[float]]:
+    arrays = [f[f"data/{n}/{dataset}"][()] for n in names]
+    for name, arr in zip(names, arrays):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{f.filename!r}: data/{name}/{dataset} contains NaN or inf; remove or repair that demo")
+    data = np.concatenate([a.reshape(len(a), -1) for a in arrays]).astype(np.float64)  # (N, d)
+    return {"min": data.min(0).tolist(), "max": data.max(0).tolist(), "mean": data.mean(0).tolist(), "std": data.std(0).tolist()}
+
+
+def cached_stats(path: str, datasets: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per-dim min/max/mean/std of ``actions`` and ``obs/<key>`` over every demo in the file.
+
+    Computed once per key and cached beside the dataset; a read-only folder only skips the cache.
+    """
+    cache_path = path + ".mimictest-stats.json"
+    stamp = {"size": os.path.getsize(path), "mtime": os.path.getmtime(path)}
+    cache: dict = {"source": stamp, "keys": {}}
+    if os.path.isfile(cache_path):
+        with open(cache_path) as fh:
+            loaded = json.load(fh)
+        if loaded.get("source") == stamp:
+            cache = loaded
+    todo = [d for d in datasets if d not in cache["keys"]]
+    if todo:
+        with _open(path) as f:
+            names = demo_names(f)
+            for d in todo:
+                cache["keys"][d] = _key_stats(f, names, d)
+        tmp = f"{cache_path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(cache, fh)
+            os.replace(tmp, cache_path)
+        except OSError as err:
+            warnings.warn(f"could not cache dataset statistics beside {path!r} ({err}); they are recomputed each run")
+    return {d: cache["keys"][d] for d in datasets}
+
+
+class _LazyImages:
+    """Reads image rows from the hdf5 on demand (one file handle per DataLoader worker)."""
+
+    def __init__(self, path: str, names: list[str], keys: list[str], episode_ends: np.ndarray) -> None:
+        self.path, self.names, self.keys = path, names, keys
+        self.starts = np.concatenate(([0], episode_ends[:-1]))
+        self._file: h5py.File | None = None
+        self._pid = -1
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        demo = np.searchsorted(self.starts, rows[0], side="right") - 1  # a window never spans two demos
+        group = self._file[f"data/{self.names[demo]}/obs"]
+        local = rows - self.starts[demo]
+        lo, hi = int(local.min()), int(local.max()) + 1
+        # (T_obs, cams, H, W, 3): read the contiguous span once, then pick the (padded) rows.
+        return np.stack([group[k][lo:hi][local - lo] for k in self.keys], axis=1)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+
+class RobomimicDataset(WindowDataset):
+    """Windows over a robomimic hdf5 file.
+
+    Args:
+        path: the ``.hdf5`` file.
+        rgb_keys: image observation keys, e.g. ``["agentview_image", "robot0_eye_in_hand_image"]``.
+        low_dim_keys: low-dim keys, concatenated in this order, e.g.
+            ``["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]``.
+        obs_horizon, chunk_size: window sizes (see ``mimictest.data.windows``).
+        filter_key: a ``mask/<filter_key>`` split such as ``"train"``, or ``None`` for every demo.
+        cache_images: load every image into RAM as uint8 (fast; about
+            ``steps * cams * H * W * 3`` bytes), or read them from the file per sample.
+        image_size: ``(H, W)`` the configuration expects; a file with other sizes is refused.
+
+    Attributes: ``env_meta`` (the parsed ``env_args``), ``stats`` (for ``Preprocessor``),
+    ``image_size``, ``absolute_actions`` (from the env's controller config).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        rgb_keys: list[str],
+        low_dim_keys: list[str],
+        obs_horizon: int,
+        chunk_size: int,
+        filter_key: str | None = None,
+        cache_images: bool = True,
+        image_size: tuple[int, int] | None = None,
+    ) -> None:
+        if not rgb_keys and not low_dim_keys:
+            raise ValueError("choose at least one observation key (RGB_KEYS or LOW_DIM_KEYS)")
+        self.path = path
+        with _open(path) as f:
+            names = demo_names(f, filter_key)
+            _check_obs_keys(f, names[0], list(rgb_keys) + list(low_dim_keys))
+            if "env_args" not in f["data"].attrs:
+                raise KeyError(f"{path!r} has no data.attrs['env_args']; evaluation cannot rebuild its environment")
+            self.env_meta = json.loads(f["data"].attrs["env_args"])
+            lengths = np.array([f[f"data/{n}/actions"].shape[0] for n in names])
+            episode_ends = np.cumsum(lengths)
+            action = np.concatenate([f[f"data/{n}/actions"][()] for n in names]).astype(np.float32)
+            low_dim = None
+            if low_dim_keys:
+                low_dim = np.concatenate(
+                    [np.concatenate([f[f"data/{n}/obs/{k}"][()].reshape(len_, -1) for k in low_dim_keys], axis=1)
+                     for n, len_ in zip(names, lengths)]
+                ).astype(np.float32)  # (N, D)
+            rgb = None
+            self.image_size = None
+            if rgb_keys:
+                shapes = {k: f[f"data/{names[0]}/obs/{k}"].shape[1:] for k in rgb_keys}
+                if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 3:
+                    raise ValueError(f"{path!r}: image keys must all be (H, W, 3) of one size, got {shapes}")
+                self.image_size = tuple(next(iter(shapes.values()))[:2])
+                if image_size is not None and tuple(image_size) != self.image_size:
+                    raise ValueError(
+                        f"{path!r} has {self.image_size[0]}x{self.image_size[1]} images but the script expects "
+                        f"{image_size[0]}x{image_size[1]}; set IMAGE_SIZE = {self.image_size} in the script"
+                    )
+                if cache_images:
+                    rgb = np.concatenate(
+                        [np.stack([f[f"data/{n}/obs/{k}"][()] for k in rgb_keys], axis=1) for n in names]
+                    )  # (N, cams, H, W, 3) uint8
+                else:
+                    rgb = _LazyImages(path, names, list(rgb_keys), episode_ends)
+        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb)
+        self.demo_names = names
+        controller = self.env_meta.get("env_kwargs", {}).get("controller_configs", {})
+        self.absolute_actions = _controller_is_absolute(controller)
+        raw = cached_stats(path, ["actions"] + [f"obs/{k}" for k in low_dim_keys])  # also rejects NaN / inf
+        self.stats = {"action": raw["actions"]}
+        if low_dim_keys:
+            self.stats["low_dim"] = {
+                s: sum((raw[f"obs/{k}"][s] for k in low_dim_keys), []) for s in ("min", "max", "mean", "std")
+            }
+
+
+def _controller_is_absolute(config: dict) -> bool:
+    """Whether a legacy (robosuite <= 1.4) or composite (1.5) controller config commands absolute poses."""
+    if "body_parts" in config:
+        arms = [p for p in config["body_parts"].values() if isinstance(p, dict) and "input_type" in p]
+        return any(p["input_type"] == "absolute" for p in arms)
+    return config.get("control_delta", True) is False

@@ -1,0 +1,109 @@
+"""Windows of past observations and future actions over flat, concatenated episodes.
+
+Every dataset format (robomimic hdf5, diffusion-policy zarr, ACT hdf5, ...) reduces to flat
+arrays with one row per timestep plus ``episode_ends`` (exclusive end index of each episode, as in
+diffusion_policy's replay buffer). ``WindowIndex`` turns that into samples; ``WindowDataset``
+gathers them.
+
+Sample ``i`` is timestep ``t`` of some episode (every timestep is a sample):
+- observations at ``t - obs_horizon + 1 .. t``;
+- actions at ``t - obs_horizon + 1 .. t - obs_horizon + chunk_size`` (the chunk starts at the
+  first observation step, Diffusion Policy's convention; with ``obs_horizon=1`` it starts at
+  ``t``, ACT's convention).
+Indices outside the episode are clamped to its first / last step (edge padding) and flagged in
+``is_pad``, so a policy can mask padded actions out of its loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+
+def check_episode_ends(episode_ends: np.ndarray, num_steps: int) -> np.ndarray:
+    """Validate ``episode_ends`` against the flat arrays' length; returns it as int64."""
+    ends = np.asarray(episode_ends, dtype=np.int64)
+    if ends.ndim != 1 or len(ends) == 0:
+        raise ValueError(f"episode_ends must be a non-empty 1-D array, got shape {ends.shape}")
+    if np.any(np.diff(np.concatenate(([0], ends))) <= 0):
+        raise ValueError("episode_ends must be strictly increasing and every episode non-empty")
+    if ends[-1] != num_steps:
+        raise ValueError(
+            f"episode_ends ends at {ends[-1]} but the data has {num_steps} steps; the arrays and episode_ends "
+            "disagree (a truncated or corrupt file?)"
+        )
+    return ends
+
+
+class WindowIndex:
+    """Maps a sample index to the flat row indices of its observation and action windows."""
+
+    def __init__(self, episode_ends: np.ndarray, obs_horizon: int, chunk_size: int) -> None:
+        if obs_horizon < 1 or chunk_size < 1:
+            raise ValueError(f"obs_horizon and chunk_size must be >= 1, got {obs_horizon} and {chunk_size}")
+        self.episode_ends = np.asarray(episode_ends, dtype=np.int64)
+        self.obs_horizon, self.chunk_size = obs_horizon, chunk_size
+        starts = np.concatenate(([0], self.episode_ends[:-1]))
+        lengths = self.episode_ends - starts
+        self.step_start = np.repeat(starts, lengths)  # (N,) first row of the episode of each row
+        self.step_end = np.repeat(self.episode_ends, lengths)  # (N,) exclusive end of that episode
+        self._obs_offsets = np.arange(1 - obs_horizon, 1)  # (T_obs,)
+        self._act_offsets = np.arange(1 - obs_horizon, 1 - obs_horizon + chunk_size)  # (chunk,)
+
+    def __len__(self) -> int:
+        return len(self.step_start)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> obs rows ``(T_obs,)``, action rows ``(chunk,)``, ``is_pad`` ``(chunk,)``."""
+        lo, hi = self.step_start[i], self.step_end[i] - 1
+        obs_rows = np.clip(i + self._obs_offsets, lo, hi)
+        raw = i + self._act_offsets
+        act_rows = np.clip(raw, lo, hi)
+        return obs_rows, act_rows, raw != act_rows
+
+
+class WindowDataset(Dataset):
+    """Windows over flat arrays: the shared ``__getitem__`` of every reader.
+
+    Args:
+        episode_ends: exclusive end row of each episode.
+        action: ``(N, A)`` float32.
+        low_dim: ``(N, D)`` float32 or ``None``.
+        rgb: ``(N, cams, H, W, 3)`` uint8 array, or a callable ``rows -> (len(rows), cams, H, W, 3)``
+            for readers that load images lazily, or ``None``.
+    """
+
+    def __init__(
+        self,
+        episode_ends: np.ndarray,
+        obs_horizon: int,
+        chunk_size: int,
+        action: np.ndarray,
+        low_dim: np.ndarray | None = None,
+        rgb: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        self.episode_ends = check_episode_ends(episode_ends, len(action))
+        for name, arr in (("low_dim", low_dim), ("rgb", rgb)):
+            if isinstance(arr, np.ndarray) and len(arr) != len(action):
+                raise ValueError(f"{name} has {len(arr)} rows but action has {len(action)}; the file is inconsistent")
+        self.index = WindowIndex(self.episode_ends, obs_horizon, chunk_size)
+        self.action, self.low_dim, self.rgb = action, low_dim, rgb
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episode_ends)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        obs_rows, act_rows, is_pad = self.index[i]
+        item = {"action": self.action[act_rows], "is_pad": is_pad}  # (chunk, A), (chunk,)
+        if self.low_dim is not None:
+            item["low_dim"] = self.low_dim[obs_rows]  # (T_obs, D)
+        if self.rgb is not None:
+            rgb = self.rgb(obs_rows) if callable(self.rgb) else self.rgb[obs_rows]
+            item["rgb"] = rgb  # (T_obs, cams, H, W, 3) uint8
+        return item

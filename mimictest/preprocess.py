@@ -1,0 +1,212 @@
+"""Device-side preprocessing: the one place where env/dataset units meet network units.
+
+- ``ActionSpace`` maps env actions to the unified model action and back. End-effector actions
+  ``xyz (3) + rotation (r) + gripper (g)`` become ``xyz (3) + 6D rotation (6) + gripper (g)``
+  (10-d for one arm), in absolute mode (world-frame targets) or relative mode (per-step deltas,
+  such as robosuite's default OSC_POSE ``control_delta=True``). Joint-space actions pass through.
+- ``Preprocessor`` (an ``nn.Module`` so its statistics travel in checkpoints) turns a uint8 batch
+  into network inputs: images to float in [-1, 1], optional resize, random crop when training and
+  centre crop when evaluating, min-max normalisation to [-1, 1]; and maps predicted actions back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimictest import rotation
+
+_MIN_RANGE = 1e-4  # a dimension whose range is below this is treated as constant
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    """How env actions map to model actions.
+
+    Attributes:
+        rotation: representation of the env action's rotation (``"axis_angle"``, ``"quat"``,
+            ``"euler_xyz"``), or ``None`` for joint-space actions that pass through unchanged.
+        mode: ``"absolute"`` (targets in the world frame) or ``"relative"`` (per-step deltas).
+            Both use the same 6D mapping; the mode is recorded so that a checkpoint says what its
+            actions mean, and so scripts can refuse a dataset of the other kind.
+        env_dim: the env action's dimension, e.g. 7 for robosuite OSC_POSE with one gripper.
+    """
+
+    rotation: str | None = "axis_angle"
+    mode: str = "absolute"
+    env_dim: int = 7
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("absolute", "relative"):
+            raise ValueError(f"ActionSpace.mode must be 'absolute' or 'relative', got {self.mode!r}")
+        if self.rotation is not None and self.rotation not in rotation.ROTATION_DIMS:
+            raise ValueError(
+                f"ActionSpace.rotation must be one of {sorted(rotation.ROTATION_DIMS)} or None, got {self.rotation!r}"
+            )
+        if self.rotation is not None and self.env_dim < 3 + rotation.ROTATION_DIMS[self.rotation]:
+            raise ValueError(f"env_dim={self.env_dim} is too small for xyz + {self.rotation}")
+
+    @property
+    def rot_dim(self) -> int:
+        return 0 if self.rotation is None else rotation.ROTATION_DIMS[self.rotation]
+
+    @property
+    def model_dim(self) -> int:
+        return self.env_dim if self.rotation is None else self.env_dim - self.rot_dim + 6
+
+    @property
+    def rot6d_slice(self) -> slice | None:
+        """Where the 6D rotation sits in the model action (never normalised: already in [-1, 1])."""
+        return None if self.rotation is None else slice(3, 9)
+
+    def to_model(self, action: torch.Tensor) -> torch.Tensor:
+        """``(..., env_dim)`` -> ``(..., model_dim)``."""
+        if action.shape[-1] != self.env_dim:
+            raise ValueError(f"expected env actions with {self.env_dim} dims, got shape {tuple(action.shape)}")
+        if self.rotation is None:
+            return action
+        r = 3 + self.rot_dim
+        rot6d = rotation.to_rot6d(action[..., 3:r], self.rotation)
+        return torch.cat((action[..., :3], rot6d, action[..., r:]), dim=-1)
+
+    def to_env(self, action: torch.Tensor) -> torch.Tensor:
+        """``(..., model_dim)`` -> ``(..., env_dim)``, the exact inverse of ``to_model``."""
+        if self.rotation is None:
+            return action
+        rot = rotation.from_rot6d(action[..., 3:9], self.rotation)
+        return torch.cat((action[..., :3], rot, action[..., 9:]), dim=-1)
+
+    def model_bounds(self, env_min: torch.Tensor, env_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dim ``(min, max)`` of model actions from the env actions' ``(env_dim,)`` bounds."""
+        if self.rotation is None:
+            return env_min, env_max
+        r = 3 + self.rot_dim
+        ones = torch.ones(6, dtype=env_min.dtype)
+        lo = torch.cat((env_min[:3], -ones, env_min[r:]))
+        hi = torch.cat((env_max[:3], ones, env_max[r:]))
+        return lo, hi
+
+
+def _range_buffers(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre and half-range for min-max scaling; constant dims get half-range 1 (shift only)."""
+    half = (hi - lo) / 2
+    half = torch.where(half < _MIN_RANGE / 2, torch.ones_like(half), half)
+    return (hi + lo) / 2, half
+
+
+class Preprocessor(nn.Module):
+    """Turns uint8 / raw batches into normalised network inputs on the device, and back.
+
+    Args:
+        stats: ``{"action": {"min", "max"}, "low_dim": {"min", "max"}}`` per-dim lists, in env
+            units, as computed by the dataset readers (``low_dim`` may be absent).
+        action_space: the env <-> model action mapping.
+        image_size: ``(H, W)`` of the images the dataset and env provide; checked on every batch.
+        crop_size: ``(h, w)`` crop fed to the network, or ``None`` for no crop. Random crops when
+            training, centre crops when evaluating (Diffusion Policy uses 84 -> 76 on robomimic).
+        resize: ``(H', W')`` to resize to before cropping, or ``None``.
+    """
+
+    def __init__(
+        self,
+        stats: dict[str, dict[str, list[float]]],
+        action_space: ActionSpace,
+        image_size: tuple[int, int] | None = None,
+        crop_size: tuple[int, int] | None = None,
+        resize: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.action_space = action_space
+        self.image_size = tuple(image_size) if image_size else None
+        self.resize = tuple(resize) if resize else None
+        self.crop_size = tuple(crop_size) if crop_size else None
+        source = self.resize or self.image_size
+        if self.crop_size and source and (self.crop_size[0] > source[0] or self.crop_size[1] > source[1]):
+            raise ValueError(f"crop_size {self.crop_size} is larger than the image {source}; choose a smaller crop")
+
+        a_lo, a_hi = action_space.model_bounds(
+            torch.tensor(stats["action"]["min"], dtype=torch.float32), torch.tensor(stats["action"]["max"], dtype=torch.float32)
+        )
+        centre, half = _range_buffers(a_lo, a_hi)
+        if action_space.rot6d_slice is not None:  # 6D rotation columns are unit vectors already
+            centre[action_space.rot6d_slice], half[action_space.rot6d_slice] = 0.0, 1.0
+        self.register_buffer("action_centre", centre)
+        self.register_buffer("action_half", half)
+        low_dim = stats.get("low_dim")
+        lo = torch.tensor(low_dim["min"] if low_dim else [], dtype=torch.float32)
+        hi = torch.tensor(low_dim["max"] if low_dim else [], dtype=torch.float32)
+        low_centre, low_half = _range_buffers(lo, hi)
+        self.register_buffer("low_dim_centre", low_centre)
+        self.register_buffer("low_dim_half", low_half)
+
+    @property
+    def output_image_size(self) -> tuple[int, int] | None:
+        """``(h, w)`` of the images the network receives."""
+        return self.crop_size or self.resize or self.image_size
+
+    def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        """``(..., env_dim)`` env actions -> ``(..., model_dim)`` in ~[-1, 1]."""
+        return (self.action_space.to_model(action.float()) - self.action_centre) / self.action_half
+
+    def unnormalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        """``(..., model_dim)`` network output -> ``(..., env_dim)`` env actions."""
+        return self.action_space.to_env(action.float() * self.action_half + self.action_centre)
+
+    def normalize_low_dim(self, low_dim: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` -> ``(..., D)`` in [-1, 1] over the dataset's range."""
+        if low_dim.shape[-1] != self.low_dim_centre.shape[0]:
+            raise ValueError(
+                f"low_dim has {low_dim.shape[-1]} dims but the statistics have {self.low_dim_centre.shape[0]}; "
+                "the observation keys of the env and the dataset must match"
+            )
+        return (low_dim.float() - self.low_dim_centre) / self.low_dim_half
+
+    def images(self, rgb: torch.Tensor, train: bool) -> torch.Tensor:
+        """``(B, T, cams, H, W, 3)`` uint8 -> ``(B, T, cams, 3, h, w)`` float in [-1, 1]."""
+        if rgb.dtype != torch.uint8:
+            raise TypeError(f"rgb must be uint8 (0..255) until it reaches the preprocessor, got {rgb.dtype}")
+        lead, (H, W) = rgb.shape[:3], rgb.shape[3:5]
+        if self.image_size is not None and (H, W) != self.image_size:
+            raise ValueError(
+                f"images are {H}x{W} but this configuration expects {self.image_size[0]}x{self.image_size[1]}; "
+                "set IMAGE_SIZE in the script to the dataset's size, or regenerate the demos at that size"
+            )
+        x = rgb.reshape(-1, H, W, 3)  # (N, H, W, 3), N = B * T * cams
+        if self.resize and (H, W) != self.resize:
+            x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=self.resize, mode="bilinear", antialias=True)
+            x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            H, W = self.resize
+        if self.crop_size and (H, W) != self.crop_size:
+            x = self._crop(x, train)
+        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (N, 3, h, w)
+        return x.reshape(lead + x.shape[1:]).contiguous(memory_format=torch.contiguous_format)
+
+    def _crop(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """``(N, H, W, 3)`` -> ``(N, h, w, 3)``: an independent random window per image, or the centre."""
+        N, H, W, _ = x.shape
+        h, w = self.crop_size
+        if not train:
+            top, left = (H - h) // 2, (W - w) // 2
+            return x[:, top : top + h, left : left + w]
+        top = torch.randint(0, H - h + 1, (N, 1), device=x.device)
+        left = torch.randint(0, W - w + 1, (N, 1), device=x.device)
+        rows = (top + torch.arange(h, device=x.device)).unsqueeze(-1)  # (N, h, 1)
+        cols = (left + torch.arange(w, device=x.device)).unsqueeze(1)  # (N, 1, w)
+        n = torch.arange(N, device=x.device).view(N, 1, 1)
+        return x[n, rows, cols]  # (N, h, w, 3)
+
+    def forward(self, batch: dict[str, torch.Tensor], train: bool) -> dict[str, torch.Tensor]:
+        """Raw device batch -> network batch (see ``SPEC``: rgb, low_dim, action, is_pad)."""
+        out: dict[str, torch.Tensor] = {}
+        if "rgb" in batch:
+            out["rgb"] = self.images(batch["rgb"], train)
+        if "low_dim" in batch:
+            out["low_dim"] = self.normalize_low_dim(batch["low_dim"])
+        if "action" in batch:
+            out["action"] = self.normalize_action(batch["action"])
+        if "is_pad" in batch:
+            out["is_pad"] = batch["is_pad"]
+        return out

@@ -1,0 +1,88 @@
+"""The robomimic reader and the shared windows, on tiny hand-built hdf5 files."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from mimictest.data.robomimic import RobomimicDataset
+from mimictest.data.windows import WindowIndex
+
+ENV_ARGS = {"env_name": "Lift", "type": 1, "env_kwargs": {"controller_configs": {"type": "OSC_POSE", "control_delta": False}}}
+
+
+def write_tiny(path, lengths=(3, 5), first=0, image=True):
+    """Demo k has actions[t] = [100 k + t] * 7 and low-dim obs 'a' = [k, t] so windows are checkable."""
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps(ENV_ARGS)
+        for k, n in enumerate(lengths):
+            g = data.create_group(f"demo_{k + first}")
+            t = np.arange(n)
+            g.create_dataset("actions", data=np.repeat((100 * k + t)[:, None], 7, axis=1).astype(np.float64))
+            g.create_dataset("obs/a", data=np.stack([np.full(n, k), t], axis=1).astype(np.float32))
+            g.create_dataset("obs/b", data=np.ones((n, 3), np.float32))
+            if image:
+                g.create_dataset("obs/cam_image", data=np.broadcast_to((10 * k + t)[:, None, None, None], (n, 8, 8, 3)).astype(np.uint8))
+            g.attrs["num_samples"] = n
+        f.create_dataset("mask/valid", data=np.array([f"demo_{first}".encode()]))
+    return path
+
+
+def test_window_index_padding():
+    idx = WindowIndex(np.array([3, 8]), obs_horizon=2, chunk_size=4)
+    assert len(idx) == 8
+    obs, act, pad = idx[0]  # first step of episode 0: history padded with step 0
+    assert obs.tolist() == [0, 0] and act.tolist() == [0, 0, 1, 2] and pad.tolist() == [True, False, False, False]
+    obs, act, pad = idx[2]  # last step of episode 0: future padded with step 2
+    assert obs.tolist() == [1, 2] and act.tolist() == [1, 2, 2, 2] and pad.tolist() == [False, False, True, True]
+    obs, act, pad = idx[4]  # second step of episode 1: never crosses into episode 0
+    assert obs.tolist() == [3, 4] and act.tolist() == [3, 4, 5, 6] and not pad.any()
+
+
+@pytest.mark.parametrize("first", [0, 1])
+@pytest.mark.parametrize("cache_images", [True, False])
+def test_robomimic_windows(tmp_path, first, cache_images):
+    path = write_tiny(str(tmp_path / "tiny.hdf5"), first=first)
+    ds = RobomimicDataset(path, ["cam_image"], ["a", "b"], obs_horizon=2, chunk_size=4, cache_images=cache_images)
+    assert len(ds) == 8 and ds.num_episodes == 2 and ds.image_size == (8, 8) and ds.absolute_actions
+    item = ds[3]  # demo 1, t = 0
+    assert item["action"].shape == (4, 7) and item["action"].dtype == np.float32
+    assert item["action"][:, 0].tolist() == [100, 100, 101, 102]
+    assert item["is_pad"].tolist() == [True, False, False, False]
+    assert item["low_dim"].shape == (2, 5) and item["low_dim"][:, :2].tolist() == [[1, 0], [1, 0]]
+    assert item["rgb"].shape == (2, 1, 8, 8, 3) and item["rgb"].dtype == np.uint8
+    assert item["rgb"][:, 0, 0, 0, 0].tolist() == [10, 10]
+    item = ds[7]  # demo 1, t = 4 (last)
+    assert item["rgb"][:, 0, 0, 0, 0].tolist() == [13, 14]
+    assert item["is_pad"].tolist() == [False, False, True, True]
+    assert ds.stats["action"]["min"] == [0.0] * 7 and ds.stats["action"]["max"] == [104.0] * 7
+    assert ds.stats["low_dim"]["max"] == [1.0, 4.0, 1.0, 1.0, 1.0]
+    assert os.path.isfile(path + ".mimictest-stats.json")
+
+
+def test_filter_key_and_stats_cache(tmp_path):
+    path = write_tiny(str(tmp_path / "tiny.hdf5"))
+    ds = RobomimicDataset(path, [], ["a"], obs_horizon=1, chunk_size=2, filter_key="valid")
+    assert ds.num_episodes == 1 and len(ds) == 3
+    cache = json.load(open(path + ".mimictest-stats.json"))
+    assert set(cache["keys"]) == {"actions", "obs/a"}
+    with pytest.raises(KeyError, match="no filter mask/train; available filters: \\['valid'\\]"):
+        RobomimicDataset(path, [], ["a"], 1, 2, filter_key="train")
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="robomimic dataset not found"):
+        RobomimicDataset(str(tmp_path / "missing.hdf5"), [], ["a"], 2, 4)
+    path = write_tiny(str(tmp_path / "tiny.hdf5"))
+    with pytest.raises(KeyError, match=r"no observation key\(s\) \['agentview_image'\].*available keys: \['a', 'b', 'cam_image'\]"):
+        RobomimicDataset(path, ["agentview_image"], ["a"], 2, 4)
+    with pytest.raises(ValueError, match="has 8x8 images but the script expects 84x84"):
+        RobomimicDataset(path, ["cam_image"], [], 2, 4, image_size=(84, 84))
+    with h5py.File(path, "a") as f:
+        f["data/demo_1/obs/a"][2, 0] = np.nan
+    os.utime(path, (0, 12345))  # the cache is keyed on mtime: make sure the edit is seen
+    with pytest.raises(ValueError, match="data/demo_1/obs/a contains NaN"):
+        RobomimicDataset(path, [], ["a"], 2, 4)
