@@ -95,6 +95,11 @@ class WindowDataset(Dataset):
     def num_episodes(self) -> int:
         return len(self.episode_ends)
 
+    @property
+    def low_dim_dim(self) -> int:
+        """``D`` of the low-dim observations (0 without them)."""
+        return 0 if self.low_dim is None else self.low_dim.shape[1]
+
     def __len__(self) -> int:
         return len(self.index)
 

@@ -1,0 +1,66 @@
+"""Diffusion Policy (Chi et al. 2023) with the 1D temporal UNet on robomimic Lift, low-dim observations.
+
+The quickstart: with no dataset at DATASET_PATH, the scripted Lift expert writes one (robomimic
+hdf5, absolute OSC_POSE actions); then training, then evaluation in parallel simulators.
+    accelerate launch Script/DiffusionUNetLowdimLift.py
+Sized to finish on a 2-core CPU; for a GPU, raise DOWN_DIMS to the paper's (256, 512, 1024),
+BATCH_SIZE and MAX_STEPS. To train on robomimic's own data, point DATASET_PATH at its
+``low_dim_abs.hdf5`` (absolute actions, like this expert's).
+"""
+
+from functools import partial
+
+from mimictest.data.robomimic import RobomimicDataset
+from mimictest.demos import ensure_demos
+from mimictest.demos.lift import generate_lift_demos
+from mimictest.envs.robosuite import RobosuiteEnv
+from mimictest.evaluate import Evaluator
+from mimictest.nets.obs_encoder import ObsEncoder
+from mimictest.nets.unet1d import ConditionalUnet1D
+from mimictest.policies.diffusion import DiffusionPolicy
+from mimictest.preprocess import ActionSpace, Preprocessor
+from mimictest.train import TrainConfig, train
+
+# Data
+DATASET_PATH = "Datasets/lift_expert_lowdim.hdf5"
+NUM_DEMOS = 200  # scripted-expert episodes attempted when DATASET_PATH does not exist
+LOW_DIM_KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+OBS_HORIZON = 2  # observation steps the policy sees
+CHUNK_SIZE = 16  # predicted action steps, starting at the first observation step
+EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + 8  # executed slice of each chunk
+# Network and diffusion
+DOWN_DIMS = (128, 256, 512)
+SAMPLER, NUM_INFERENCE_STEPS = "ddim", 10
+# Optimisation
+BATCH_SIZE = 256
+LR, WEIGHT_DECAY = 1e-4, 1e-6
+WARMUP_STEPS = 200
+MAX_STEPS = 6000
+BF16 = False
+# Evaluation
+NUM_ENVS = 4
+NUM_EVAL_EPISODES = 50
+MAX_EPISODE_STEPS = 300
+EVAL_EVERY = 0  # 0: only after training
+RUN_NAME = "DiffusionUNetLowdimLift"
+
+ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS)
+dataset = RobomimicDataset(DATASET_PATH, rgb_keys=[], low_dim_keys=LOW_DIM_KEYS,
+                           obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
+action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
+preprocess = Preprocessor(dataset.stats, action_space)
+
+obs_encoder = ObsEncoder(num_cams=0, low_dim_dim=dataset.low_dim_dim)
+noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
+                              down_dims=DOWN_DIMS)
+policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
+                         sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
+
+make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=[], low_dim_keys=LOW_DIM_KEYS,
+                   max_episode_steps=MAX_EPISODE_STEPS)
+evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
+
+train(policy, preprocess, dataset, TrainConfig(
+    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,
+    warmup_steps=WARMUP_STEPS, bf16=BF16, eval_every=EVAL_EVERY,
+), evaluator)

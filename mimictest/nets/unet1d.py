@@ -1,0 +1,156 @@
+"""Conditional 1D temporal UNet for action-chunk denoising.
+
+Architecture of Chi et al., "Diffusion Policy: Visuomotor Policy Learning via Action Diffusion",
+RSS 2023 (reference code: github.com/real-stanford/diffusion_policy, `ConditionalUnet1D`):
+sinusoidal diffusion-step embedding -> MLP, concatenated with a flat observation feature vector to
+form the global condition; residual blocks of Conv1d -> GroupNorm(8) -> Mish with FiLM
+(per-channel scale and bias) conditioning; strided-conv downsampling, transposed-conv upsampling
+and skip connections across levels. Paper defaults: `down_dims=(256, 512, 1024)`, `kernel_size=5`,
+`diffusion_step_embed_dim=256` (the low-dim configs) or 128 (the image configs), `n_groups=8`.
+"""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Transformer-style sinusoidal embedding of a scalar (the diffusion step)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim % 2 != 0 or dim < 4:
+            raise ValueError(f"SinusoidalPosEmb needs an even dim >= 4, got {dim}")
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`(B,)` -> `(B, dim)`."""
+        half = self.dim // 2
+        scale = math.log(10000) / (half - 1)
+        freqs = torch.exp(torch.arange(half, device=x.device, dtype=torch.float32) * -scale)
+        args = x.float()[:, None] * freqs[None, :]  # (B, half)
+        return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+class Conv1dBlock(nn.Sequential):
+    """Conv1d -> GroupNorm -> Mish, length-preserving."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, n_groups: int) -> None:
+        super().__init__(
+            nn.Conv1d(in_ch, out_ch, kernel_size, padding=kernel_size // 2),
+            nn.GroupNorm(n_groups, out_ch),
+            nn.Mish(),
+        )
+
+
+class ConditionalResidualBlock1D(nn.Module):
+    """Two Conv1d blocks with FiLM conditioning in between and a residual connection."""
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, kernel_size: int, n_groups: int) -> None:
+        super().__init__()
+        self.out_ch = out_ch
+        self.block1 = Conv1dBlock(in_ch, out_ch, kernel_size, n_groups)
+        self.block2 = Conv1dBlock(out_ch, out_ch, kernel_size, n_groups)
+        self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, out_ch * 2))
+        self.residual_conv = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """`x (B, in_ch, T)`, `cond (B, cond_dim)` -> `(B, out_ch, T)`."""
+        out = self.block1(x)  # (B, out_ch, T)
+        film = self.cond_encoder(cond).unsqueeze(-1)  # (B, 2 * out_ch, 1)
+        scale, bias = film[:, : self.out_ch], film[:, self.out_ch :]
+        out = self.block2(scale * out + bias)
+        return out + self.residual_conv(x)
+
+
+class ConditionalUnet1D(nn.Module):
+    """Noise-prediction UNet over the time axis of an action chunk.
+
+    `forward(sample (B, T, A), timestep (B,) or scalar, global_cond (B, global_cond_dim)) -> (B, T, A)`.
+    With `len(down_dims) = L` levels, the chunk length T must be divisible by `2 ** (L - 1)`.
+    """
+
+    def __init__(
+        self,
+        action_dim: int,
+        global_cond_dim: int,
+        down_dims: tuple[int, ...] = (256, 512, 1024),
+        kernel_size: int = 5,
+        n_groups: int = 8,
+        diffusion_step_embed_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        if len(down_dims) < 1:
+            raise ValueError("down_dims needs at least one level, e.g. (256, 512, 1024)")
+        bad = [d for d in down_dims if d % n_groups != 0]
+        if bad:
+            raise ValueError(f"every entry of down_dims must be divisible by n_groups={n_groups}; got {bad}")
+        self.action_dim = action_dim
+        self.global_cond_dim = global_cond_dim
+        self.num_downsamples = len(down_dims) - 1
+
+        dsed = diffusion_step_embed_dim
+        self.step_encoder = nn.Sequential(
+            SinusoidalPosEmb(dsed),
+            nn.Linear(dsed, dsed * 4),
+            nn.Mish(),
+            nn.Linear(dsed * 4, dsed),
+        )
+        cond_dim = dsed + global_cond_dim
+
+        def res(i: int, o: int) -> ConditionalResidualBlock1D:
+            return ConditionalResidualBlock1D(i, o, cond_dim, kernel_size, n_groups)
+
+        dims = (action_dim, *down_dims)
+        pairs = list(zip(dims[:-1], dims[1:]))
+        self.down = nn.ModuleList()
+        for level, (d_in, d_out) in enumerate(pairs):
+            is_last = level == len(pairs) - 1
+            resample = nn.Identity() if is_last else nn.Conv1d(d_out, d_out, 3, stride=2, padding=1)
+            self.down.append(nn.ModuleList([res(d_in, d_out), res(d_out, d_out), resample]))
+
+        mid = down_dims[-1]
+        self.mid = nn.ModuleList([res(mid, mid), res(mid, mid)])
+
+        self.up = nn.ModuleList()
+        for d_in, d_out in reversed(pairs[1:]):
+            upsample = nn.ConvTranspose1d(d_in, d_in, 4, stride=2, padding=1)
+            self.up.append(nn.ModuleList([res(d_out * 2, d_in), res(d_in, d_in), upsample]))
+
+        self.final_conv = nn.Sequential(
+            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
+            nn.Conv1d(down_dims[0], action_dim, 1),
+        )
+
+    def forward(self, sample: Tensor, timestep: Tensor | int | float, global_cond: Tensor) -> Tensor:
+        """Predict noise (or the clean sample) for `sample (B, T, A)` -> `(B, T, A)`."""
+        if sample.ndim != 3 or sample.shape[-1] != self.action_dim:
+            raise ValueError(f"sample must be (B, T, {self.action_dim}), got {tuple(sample.shape)}")
+        batch, horizon = sample.shape[:2]
+        if horizon % (2**self.num_downsamples) != 0:
+            raise ValueError(
+                f"chunk length {horizon} must be divisible by {2 ** self.num_downsamples} "
+                f"for {self.num_downsamples + 1} UNet levels; change the chunk size or down_dims"
+            )
+        if global_cond.shape != (batch, self.global_cond_dim):
+            raise ValueError(
+                f"global_cond must be ({batch}, {self.global_cond_dim}), got {tuple(global_cond.shape)}; "
+                "global_cond_dim must equal obs feature dim * obs horizon"
+            )
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(batch) if t.ndim == 0 else t  # (B,)
+
+        cond = torch.cat((self.step_encoder(t), global_cond), dim=-1)  # (B, cond_dim)
+        x = sample.transpose(1, 2)  # (B, A, T)
+        skips = []
+        for block1, block2, downsample in self.down:
+            x = block2(block1(x, cond), cond)
+            skips.append(x)
+            x = downsample(x)
+        for block in self.mid:
+            x = block(x, cond)
+        for block1, block2, upsample in self.up:
+            x = torch.cat((x, skips.pop()), dim=1)
+            x = upsample(block2(block1(x, cond), cond))
+        return self.final_conv(x).transpose(1, 2)  # (B, T, A)

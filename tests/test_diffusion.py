@@ -1,0 +1,187 @@
+"""Tests for the Diffusion Policy stack: UNet, vision/obs encoders, policy training and sampling, EMA."""
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from mimictest.nets.obs_encoder import ObsEncoder
+from mimictest.nets.unet1d import ConditionalUnet1D
+from mimictest.nets.vision import ResNet18SpatialSoftmax
+from mimictest.policies.diffusion import DiffusionPolicy
+from mimictest.policies.ema import EMA
+
+LOW_DIM, T_OBS, CHUNK, ACT = 4, 2, 8, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny tensors run fastest on one thread, and the test machine's cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_unet(action_dim: int = ACT, cond_dim: int = T_OBS * LOW_DIM) -> ConditionalUnet1D:
+    return ConditionalUnet1D(action_dim, cond_dim, down_dims=(32, 64, 128), diffusion_step_embed_dim=32)
+
+
+def toy_batch(batch_size: int = 16) -> tuple[dict[str, Tensor], Tensor]:
+    """Two observation modes (all +1 / all -1), each with its own constant target chunk."""
+    sign = torch.where(torch.arange(batch_size) % 2 == 0, 1.0, -1.0)  # (B,)
+    low_dim = sign[:, None, None].expand(batch_size, T_OBS, LOW_DIM).clone()  # (B, T_obs, D)
+    ramp = torch.linspace(-0.8, 0.8, CHUNK)[None, :, None]  # (1, chunk, 1)
+    target = (ramp * sign[:, None, None]).expand(batch_size, CHUNK, ACT).clone()  # (B, chunk, A)
+    return {"low_dim": low_dim, "action": target}, target
+
+
+def train(policy: DiffusionPolicy, batch: dict[str, Tensor], steps: int, lr: float = 2e-3) -> list[float]:
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = policy.compute_loss(batch)["total_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("horizon", [16, 8])
+def test_unet_shapes(horizon: int) -> None:
+    net = tiny_unet(action_dim=10, cond_dim=38)
+    out = net(torch.randn(3, horizon, 10), torch.tensor([0, 50, 99]), torch.randn(3, 38))
+    assert out.shape == (3, horizon, 10)
+    assert net(torch.randn(3, horizon, 10), 7, torch.randn(3, 38)).shape == (3, horizon, 10)
+
+
+def test_unet_rejects_bad_inputs() -> None:
+    net = tiny_unet(action_dim=10, cond_dim=38)
+    with pytest.raises(ValueError, match="divisible"):
+        net(torch.randn(2, 6, 10), 0, torch.randn(2, 38))
+    with pytest.raises(ValueError, match="global_cond"):
+        net(torch.randn(2, 8, 10), 0, torch.randn(2, 37))
+
+
+@pytest.mark.parametrize("size", [84, 76])
+def test_vision_encoder_shapes(size: int) -> None:
+    enc = ResNet18SpatialSoftmax()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
+    out = enc(torch.rand(2, 3, size, size) * 2 - 1)
+    assert out.shape == (2, 64)
+    assert torch.isfinite(out).all()
+
+
+def test_obs_encoder_modes() -> None:
+    rgb = torch.rand(2, T_OBS, 2, 3, 76, 76) * 2 - 1  # (B, T, cams, 3, H, W)
+    low_dim = torch.randn(2, T_OBS, LOW_DIM)
+
+    rgb_only = ObsEncoder(num_cams=2, low_dim_dim=0)
+    assert rgb_only.out_dim == 128
+    assert rgb_only({"rgb": rgb}).shape == (2, T_OBS, 128)
+
+    low_only = ObsEncoder(num_cams=0, low_dim_dim=LOW_DIM)
+    assert low_only.out_dim == LOW_DIM
+    assert torch.equal(low_only({"low_dim": low_dim}), low_dim)
+
+    both = ObsEncoder(num_cams=1, low_dim_dim=LOW_DIM).to(memory_format=torch.channels_last)
+    out = both({"rgb": rgb[:, :, :1], "low_dim": low_dim})
+    assert out.shape == (2, T_OBS, 64 + LOW_DIM)
+    assert torch.equal(out[..., 64:], low_dim)
+
+    with pytest.raises(ValueError, match="rgb"):
+        both({"low_dim": low_dim})
+
+
+def test_policy_overfits_and_samples_in_range() -> None:
+    torch.manual_seed(0)
+    batch, target = toy_batch()
+    enc, net = ObsEncoder(0, LOW_DIM), tiny_unet()
+    policy = DiffusionPolicy(enc, net, ACT, CHUNK, sampler="ddpm", prediction_type="epsilon")
+    losses = train(policy, batch, steps=250)
+    assert sum(losses[-20:]) / 20 < 0.25 * sum(losses[:20]) / 20
+
+    policy.eval()
+    obs = {"low_dim": batch["low_dim"]}
+    ddpm = policy.predict(obs)
+    ddim = DiffusionPolicy(enc, net, ACT, CHUNK, sampler="ddim", num_inference_steps=10).eval().predict(obs)
+    for out in (ddpm, ddim):
+        assert out.shape == (16, CHUNK, ACT)
+        assert out.min() >= -1.0 and out.max() <= 1.0
+    assert (ddpm - target).abs().mean() < 0.15  # 0.06-0.11 across seeds; reversed timesteps give > 0.25
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sample_prediction_reaches_target(sampler: str) -> None:
+    torch.manual_seed(0)
+    batch, target = toy_batch()
+    policy = DiffusionPolicy(ObsEncoder(0, LOW_DIM), tiny_unet(), ACT, CHUNK, sampler=sampler, prediction_type="sample")
+    train(policy, batch, steps=100)
+    out = policy.eval().predict({"low_dim": batch["low_dim"]})
+    assert (out - target).abs().mean() < 0.05
+
+
+def test_mask_padding() -> None:
+    batch, _ = toy_batch(4)
+    policy = DiffusionPolicy(ObsEncoder(0, LOW_DIM), tiny_unet(), ACT, CHUNK, mask_padding=True)
+    with pytest.raises(ValueError, match="is_pad"):
+        policy.compute_loss(batch)
+    batch["is_pad"] = torch.zeros(4, CHUNK, dtype=torch.bool)
+    torch.manual_seed(1)
+    masked = policy.compute_loss(batch)["total_loss"]
+    policy.mask_padding = False
+    torch.manual_seed(1)
+    plain = policy.compute_loss(batch)["total_loss"]
+    assert torch.allclose(masked, plain)
+
+
+def test_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    enc = ObsEncoder(num_cams=1, low_dim_dim=LOW_DIM)
+    net = tiny_unet(cond_dim=T_OBS * enc.out_dim)
+    batch = {
+        "rgb": torch.rand(2, T_OBS, 1, 3, 76, 76) * 2 - 1,
+        "low_dim": torch.randn(2, T_OBS, LOW_DIM),
+        "action": torch.rand(2, CHUNK, ACT) * 2 - 1,
+    }
+    for sampler in ("ddpm", "ddim"):
+        policy = DiffusionPolicy(enc, net, ACT, CHUNK, sampler=sampler)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = policy.compute_loss(batch)["total_loss"]
+            loss.backward()
+            out = policy.predict({k: v for k, v in batch.items() if k != "action"})
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert out.dtype == torch.float32 and out.shape == (2, CHUNK, ACT)
+        assert torch.isfinite(out).all() and out.abs().max() <= 1.0
+
+
+def test_ema_schedule_matches_hand_computation() -> None:
+    model = nn.Linear(3, 2)
+    model.register_buffer("counter", torch.zeros(1))
+    ema = EMA(model)
+    history = []
+    for step in range(4):
+        with torch.no_grad():
+            model.weight.fill_(float(step + 1))
+            model.counter.fill_(float(step))
+        ema.update(model)
+        history.append(ema.module.weight[0, 0].item())
+    d2 = 1 - 2**-0.75  # third update: k = 1 -> 1 - (1 + 1) ** -0.75
+    d3 = 1 - 3**-0.75
+    expected_2 = d2 * 2.0 + (1 - d2) * 3.0
+    expected_3 = d3 * expected_2 + (1 - d3) * 4.0
+    assert history[:2] == [1.0, 2.0]  # decay is 0 for the first two updates
+    assert history[2] == pytest.approx(expected_2, rel=1e-6)
+    assert history[3] == pytest.approx(expected_3, rel=1e-6)
+    assert ema.decay == pytest.approx(d3)
+    assert ema.module.counter.item() == 3.0
+
+    fresh = nn.Linear(3, 2)
+    fresh.register_buffer("counter", torch.zeros(1))
+    restored = EMA(fresh)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.step == 4
+    assert torch.equal(restored.module.weight, ema.module.weight)
+    assert not any(p.requires_grad for p in ema.module.parameters())
