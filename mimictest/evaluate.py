@@ -4,13 +4,20 @@ Each of ``num_envs`` workers keeps an observation history of ``obs_horizon`` ste
 worker has no queued actions, the policy predicts a chunk for every such worker in one batch
 (observation features are computed once per chunk) and steps ``[exec_start, exec_end)`` of the
 chunk are queued; Diffusion Policy executes steps ``obs_horizon - 1 .. obs_horizon - 1 + 8``.
-A worker's queue is dropped when its episode ends. Every worker runs a fixed quota of episodes, so
-that quick (successful) episodes are not over-counted. Under accelerate, each process evaluates
-its share with distinct seeds and the results are gathered.
+With ``temporal_ensemble`` set, the policy predicts at every step instead and each executed
+action is ACT's exponentially weighted average of every queued prediction for that step. Chunks
+are queued in the model's action space (6D rotations average well; axis-angles near pi do not)
+and mapped to env actions one step at a time. A worker's queue is dropped when its episode ends.
+
+An episode's score is the best ``info["score"]`` it reached (PushT's coverage, say), or its best
+reward when the env gives none. Every worker runs a fixed quota of episodes, so that quick
+(successful) episodes are not over-counted. Under accelerate, each process evaluates its share
+with distinct seeds and the results are gathered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,7 +32,58 @@ from tqdm.auto import tqdm
 from mimictest.envs.vector import make_vec_env
 from mimictest.preprocess import Preprocessor
 
-Predict = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+class Predictor:
+    """numpy observation windows -> normalised model-space chunks, and model actions -> env actions."""
+
+    def __init__(self, policy: torch.nn.Module, preprocess: Preprocessor, device: torch.device,
+                 autocast: torch.autocast | None = None) -> None:
+        self.policy, self.preprocess, self.device, self.autocast = policy, preprocess, device, autocast
+
+    @torch.no_grad()
+    def chunk(self, window: dict[str, np.ndarray]) -> np.ndarray:
+        """``{"rgb": (n, T_obs, cams, H, W, 3) uint8, "low_dim": (n, T_obs, D)}`` -> ``(n, chunk, model_dim)``."""
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in window.items()}
+        batch = self.preprocess(batch, train=False)
+        with self.autocast or contextlib.nullcontext():
+            chunk = self.policy.predict(batch)
+        return chunk.float().cpu().numpy()
+
+    @torch.no_grad()
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        """``(n, model_dim)`` normalised -> ``(n, env_dim)`` env actions."""
+        return self.preprocess.unnormalize_action(torch.from_numpy(actions).to(self.device)).cpu().numpy()
+
+
+class TemporalEnsembler:
+    """ACT's temporal ensembling for one env (Zhao et al., RSS 2023, tonyzhaozh/act).
+
+    Every step a new chunk is added; the executed action is the average of all queued predictions
+    for the current step with weights ``exp(-coeff * i)``, ``i = 0`` for the OLDEST prediction
+    (ACT's choice: a small ``coeff`` such as 0.01 weighs them almost equally, a large one trusts
+    older predictions, which keeps the motion smooth).
+    """
+
+    def __init__(self, coeff: float) -> None:
+        self.coeff = coeff
+        self.chunks: list[np.ndarray] = []  # oldest first; row 0 of each is for the current step
+
+    def reset(self) -> None:
+        self.chunks = []
+
+    def add(self, chunk: np.ndarray) -> None:
+        """``(H, A)`` predictions for the current step and the ``H - 1`` after it."""
+        self.chunks.append(chunk)
+
+    def pop(self) -> np.ndarray:
+        """The ensembled ``(A,)`` action for the current step; advances one step."""
+        if not self.chunks:
+            raise RuntimeError("TemporalEnsembler.pop() before any chunk was added")
+        candidates = np.stack([c[0] for c in self.chunks])  # (n, A), oldest first
+        weights = np.exp(-self.coeff * np.arange(len(candidates)))
+        self.chunks = [c[1:] for c in self.chunks if len(c) > 1]
+        return (weights[:, None] * candidates).sum(0) / weights.sum()
 
 
 @dataclass
@@ -43,6 +101,8 @@ class Evaluator:
             Keep it far from the seeds of the training demos.
         num_videos: rollouts saved as mp4 (from worker 0 of the main process).
         video_fps: frames per second of those videos.
+        temporal_ensemble: ACT's ensembling coefficient (e.g. 0.01), or ``None`` to execute
+            ``[exec_start, exec_end)`` of each chunk open-loop.
     """
 
     make_env: Callable[[bool], gym.Env]
@@ -54,6 +114,7 @@ class Evaluator:
     seed: int = 100_000
     num_videos: int = 2
     video_fps: int = 20
+    temporal_ensemble: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.exec_start < self.exec_end:
@@ -65,7 +126,7 @@ class Evaluator:
             self._venv.close()
             self._venv = None
 
-    def rollouts(self, predict: Predict, num_episodes: int, rank: int = 0, video_dir: str | None = None,
+    def rollouts(self, predictor: Predictor, num_episodes: int, rank: int = 0, video_dir: str | None = None,
                  progress: bool = True) -> list[dict]:
         """Run ``num_episodes`` episodes in this process; one record per episode."""
         num_envs = min(self.num_envs, num_episodes)
@@ -81,20 +142,25 @@ class Evaluator:
         # (num_envs, T_obs, ...): the newest observation last; a reset fills the whole window.
         history = {k: np.repeat(v[:, None], self.obs_horizon, axis=1) for k, v in obs.items()}
         queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
-        steps, reward_max = np.zeros(num_envs, int), np.full(num_envs, -np.inf)
+        ensemblers = [TemporalEnsembler(self.temporal_ensemble) for _ in range(num_envs)] if self.temporal_ensemble else None
+        steps, score_max = np.zeros(num_envs, int), np.full(num_envs, -np.inf)
         frames: list[np.ndarray] = []
         records: list[dict] = []
         bar = tqdm(total=num_episodes, desc="eval", unit="episode", disable=not progress, leave=False)
         while any(q > 0 for q in quota):
-            need = [i for i in range(num_envs) if not queues[i]]
+            need = list(range(num_envs)) if ensemblers else [i for i in range(num_envs) if not queues[i]]
             if need:
                 window = {k: h[need] for k, h in history.items()}  # (n, T_obs, ...)
-                chunk = predict(window)  # (n, chunk, A)
+                chunk = predictor.chunk(window)[:, self.exec_start : self.exec_end]  # (n, H, model_dim)
                 for j, i in enumerate(need):
-                    queues[i] = list(chunk[j, self.exec_start : self.exec_end])
-            obs, rewards, dones, infos = venv.step(np.stack([q.pop(0) for q in queues]))
+                    if ensemblers:
+                        ensemblers[i].add(chunk[j])
+                    else:
+                        queues[i] = list(chunk[j])
+            model_actions = np.stack([e.pop() for e in ensemblers] if ensemblers else [q.pop(0) for q in queues])
+            obs, rewards, dones, infos = venv.step(predictor.to_env(model_actions))
             steps += 1
-            reward_max = np.maximum(reward_max, rewards)
+            score_max = np.maximum(score_max, [info.get("score", r) for info, r in zip(infos, rewards)])
             if "frame" in infos[0] and quota[0] > 0 and _videos_done(records) < self.num_videos:
                 frames.append(infos[0]["frame"])
             for k, h in history.items():
@@ -103,13 +169,15 @@ class Evaluator:
             for i in np.flatnonzero(dones):
                 if quota[i] > 0:
                     records.append({"rank": rank, "env": int(i), "success": bool(infos[i].get("is_success", False)),
-                                    "length": int(steps[i]), "max_reward": float(reward_max[i])})
+                                    "length": int(steps[i]), "max_score": float(score_max[i])})
                     quota[i] -= 1
                     bar.update(1)
                     if i == 0 and frames and video_dir is not None:
                         _write_video(frames, video_dir, f"rank{rank}_episode{_videos_done(records) - 1}", self.video_fps)
                         frames = []
-                steps[i], reward_max[i], queues[i] = 0, -np.inf, []
+                steps[i], score_max[i], queues[i] = 0, -np.inf, []
+                if ensemblers:
+                    ensemblers[i].reset()
                 for k, h in history.items():  # obs[i] is already the next episode's first observation
                     h[i] = obs[k][i]
         bar.close()
@@ -135,32 +203,14 @@ def _write_video(frames: list[np.ndarray], folder: str, name: str, fps: int) -> 
     imageio.mimsave(os.path.join(folder, f"{name}.mp4"), frames, fps=fps, macro_block_size=1)
 
 
-def make_predict(policy: torch.nn.Module, preprocess: Preprocessor, device: torch.device,
-                 autocast: torch.autocast | None = None) -> Predict:
-    """numpy observation windows -> env actions, through preprocess, the policy and the inverse."""
-
-    @torch.no_grad()
-    def predict(window: dict[str, np.ndarray]) -> np.ndarray:
-        batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in window.items()}
-        batch = preprocess(batch, train=False)
-        if autocast is not None:
-            with autocast:
-                chunk = policy.predict(batch)
-        else:
-            chunk = policy.predict(batch)
-        return preprocess.unnormalize_action(chunk).cpu().numpy()  # (n, chunk, env_dim)
-
-    return predict
-
-
 def summarize(records: list[dict]) -> dict:
-    """Success rate (%), episode count, mean length and mean of each episode's max reward."""
+    """Success rate (%), episode count, mean length (steps) and the mean of each episode's best score."""
     n = len(records)
     return {
         "success_rate": 100.0 * sum(r["success"] for r in records) / n,
         "episodes": n,
         "mean_length": float(np.mean([r["length"] for r in records])),
-        "mean_max_reward": float(np.mean([r["max_reward"] for r in records])),
+        "mean_max_score": float(np.mean([r["max_score"] for r in records])),
     }
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mimictest import checkpoint
 from mimictest.data.prefetcher import Prefetcher, endless
-from mimictest.evaluate import Evaluator, make_predict, save_results, summarize
+from mimictest.evaluate import Evaluator, Predictor, save_results, summarize
 from mimictest.policies.ema import EMA
 from mimictest.preprocess import Preprocessor
 
@@ -75,8 +75,12 @@ class TrainConfig:
 
 
 def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, cfg: TrainConfig,
-          evaluator: Evaluator | None = None) -> dict | None:
-    """Train ``policy`` on ``dataset``, evaluating with ``evaluator``; returns the last evaluation summary."""
+          evaluator: Evaluator | None = None, param_groups: list[dict] | None = None) -> dict | None:
+    """Train ``policy`` on ``dataset``, evaluating with ``evaluator``; returns the last evaluation summary.
+
+    ``param_groups`` are AdamW parameter groups for networks that want per-group weight decay
+    (Diffusion Policy's transformer); by default every parameter uses ``cfg.weight_decay``.
+    """
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     set_seed(cfg.seed + accelerator.process_index)
     device = accelerator.device
@@ -91,7 +95,7 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     policy.to(device)
     preprocess.to(device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(param_groups or policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     warmup = max(cfg.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -199,10 +203,10 @@ def _evaluate(accelerator: Accelerator, evaluator: Evaluator, policy: torch.nn.M
     rank, world = accelerator.process_index, accelerator.num_processes
     share = evaluator.num_episodes // world + (rank < evaluator.num_episodes % world)
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if accelerator.mixed_precision == "bf16" else None
-    predict = make_predict(policy, preprocess, accelerator.device, autocast)
+    predictor = Predictor(policy, preprocess, accelerator.device, autocast)
     start = time.perf_counter()
     videos = os.path.join(run_dir, "videos", f"step{step}") if accelerator.is_main_process else None
-    records = evaluator.rollouts(predict, share, rank=rank, video_dir=videos, progress=accelerator.is_main_process)
+    records = evaluator.rollouts(predictor, share, rank=rank, video_dir=videos, progress=accelerator.is_main_process)
     records = gather_object(records)
     summary = summarize(records)
     summary["eval_seconds"] = time.perf_counter() - start

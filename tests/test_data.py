@@ -86,3 +86,15 @@ def test_bad_input_errors(tmp_path):
     os.utime(path, (0, 12345))  # the cache is keyed on mtime: make sure the edit is seen
     with pytest.raises(ValueError, match="data/demo_1/obs/a contains NaN"):
         RobomimicDataset(path, [], ["a"], 2, 4)
+
+
+def test_script_without_dataset_says_where_to_get_it(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "Script", "DiffusionUNetImageSquare.py")
+    out = subprocess.run([sys.executable, os.path.abspath(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dataset not found: 'Datasets/robomimic/square/ph/image_abs.hdf5'" in lines[0]
+    assert "Diffusion Policy data release" in lines[0]

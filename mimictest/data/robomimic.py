@@ -11,8 +11,7 @@ The layout, as robomimic's ``dataset_states_to_obs.py`` writes it::
     mask/<filter>              names of the demos in a split, e.g. mask/train, mask/valid
 
 Demos may be numbered from 0 or from 1; they are read in numeric order. Statistics of actions and
-low-dim keys are computed once over the whole file and cached beside it in
-``<file>.mimictest-stats.json`` (invalidated when the file's size or mtime changes).
+low-dim keys are computed once over the whole file and cached beside it (``mimictest.data.stats``).
 """
 
 from __future__ import annotations
@@ -20,11 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 
 import h5py
 import numpy as np
 
+from mimictest.data.stats import Stats, array_stats, cached_stats, concat_stats
 from mimictest.data.windows import WindowDataset
 
 
@@ -71,42 +70,19 @@ def _check_obs_keys(f: h5py.File, demo: str, keys: list[str]) -> None:
         )
 
 
-def _key_stats(f: h5py.File, names: list[str], dataset: str) -> dict[str, list[float]]:
+def _key_stats(f: h5py.File, names: list[str], dataset: str) -> Stats:
     arrays = [f[f"data/{n}/{dataset}"][()] for n in names]
     for name, arr in zip(names, arrays):
         if not np.isfinite(arr).all():
             raise ValueError(f"{f.filename!r}: data/{name}/{dataset} contains NaN or inf; remove or repair that demo")
-    data = np.concatenate([a.reshape(len(a), -1) for a in arrays]).astype(np.float64)  # (N, d)
-    return {"min": data.min(0).tolist(), "max": data.max(0).tolist(), "mean": data.mean(0).tolist(), "std": data.std(0).tolist()}
+    return array_stats(np.concatenate([a.reshape(len(a), -1) for a in arrays]))
 
 
-def cached_stats(path: str, datasets: list[str]) -> dict[str, dict[str, list[float]]]:
-    """Per-dim min/max/mean/std of ``actions`` and ``obs/<key>`` over every demo in the file.
-
-    Computed once per key and cached beside the dataset; a read-only folder only skips the cache.
-    """
-    cache_path = path + ".mimictest-stats.json"
-    stamp = {"size": os.path.getsize(path), "mtime": os.path.getmtime(path)}
-    cache: dict = {"source": stamp, "keys": {}}
-    if os.path.isfile(cache_path):
-        with open(cache_path) as fh:
-            loaded = json.load(fh)
-        if loaded.get("source") == stamp:
-            cache = loaded
-    todo = [d for d in datasets if d not in cache["keys"]]
-    if todo:
-        with _open(path) as f:
-            names = demo_names(f)
-            for d in todo:
-                cache["keys"][d] = _key_stats(f, names, d)
-        tmp = f"{cache_path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w") as fh:
-                json.dump(cache, fh)
-            os.replace(tmp, cache_path)
-        except OSError as err:
-            warnings.warn(f"could not cache dataset statistics beside {path!r} ({err}); they are recomputed each run")
-    return {d: cache["keys"][d] for d in datasets}
+def _file_stats(path: str, datasets: list[str]) -> dict[str, Stats]:
+    """Statistics of ``actions`` / ``obs/<key>`` over every demo in the file, cached beside it."""
+    with _open(path) as f:
+        names = demo_names(f)
+        return cached_stats(path, datasets, lambda d: _key_stats(f, names, d))
 
 
 class _LazyImages:
@@ -201,12 +177,10 @@ class RobomimicDataset(WindowDataset):
         self.demo_names = names
         controller = self.env_meta.get("env_kwargs", {}).get("controller_configs", {})
         self.absolute_actions = _controller_is_absolute(controller)
-        raw = cached_stats(path, ["actions"] + [f"obs/{k}" for k in low_dim_keys])  # also rejects NaN / inf
+        raw = _file_stats(path, ["actions"] + [f"obs/{k}" for k in low_dim_keys])  # also rejects NaN / inf
         self.stats = {"action": raw["actions"]}
         if low_dim_keys:
-            self.stats["low_dim"] = {
-                s: sum((raw[f"obs/{k}"][s] for k in low_dim_keys), []) for s in ("min", "max", "mean", "std")
-            }
+            self.stats["low_dim"] = concat_stats([raw[f"obs/{k}"] for k in low_dim_keys])
 
 
 def _controller_is_absolute(config: dict) -> bool:

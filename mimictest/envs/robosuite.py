@@ -40,6 +40,7 @@ class _DropBelowError(logging.Filter):
 
 def import_robosuite() -> ModuleType:
     """Import robosuite without its import-time warnings; later INFO messages are hidden, warnings kept."""
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless offscreen rendering unless the user chose a backend
     logger = logging.getLogger(_ROBOSUITE_LOGGER)
     quiet = _DropBelowError()
     logger.addFilter(quiet)

@@ -1,0 +1,69 @@
+"""Diffusion Policy (Chi et al. 2023) with the 1D temporal UNet on robomimic Lift, from two cameras.
+
+agentview + eye-in-hand 84x84 images (random 76x76 crops, one ResNet-18 with GroupNorm and
+spatial softmax per camera) plus the proprioceptive keys, as in Diffusion Policy's robomimic image
+configuration. With no dataset at DATASET_PATH, the scripted Lift expert writes one with images
+(about 10 s an episode on a CPU, where rendering dominates). Sized for one GPU:
+    accelerate launch Script/DiffusionUNetImageLift.py
+For robomimic's own data, point DATASET_PATH at ``lift/ph/image_abs.hdf5``.
+"""
+
+from functools import partial
+
+from mimictest.data.robomimic import RobomimicDataset
+from mimictest.demos import ensure_demos
+from mimictest.demos.lift import generate_lift_demos
+from mimictest.envs.robosuite import RobosuiteEnv
+from mimictest.evaluate import Evaluator
+from mimictest.nets.obs_encoder import ObsEncoder
+from mimictest.nets.unet1d import ConditionalUnet1D
+from mimictest.policies.diffusion import DiffusionPolicy
+from mimictest.preprocess import ActionSpace, Preprocessor
+from mimictest.train import TrainConfig, train
+
+# Data
+DATASET_PATH = "Datasets/lift_expert_image.hdf5"
+NUM_DEMOS = 100  # scripted-expert episodes attempted when DATASET_PATH does not exist
+RGB_KEYS = ["agentview_image", "robot0_eye_in_hand_image"]
+LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+IMAGE_SIZE, CROP_SIZE = (84, 84), (76, 76)
+OBS_HORIZON = 2
+CHUNK_SIZE = 16
+EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + 8
+# Network and diffusion
+DOWN_DIMS = (256, 512, 1024)
+SAMPLER, NUM_INFERENCE_STEPS = "ddpm", 100
+# Optimisation
+BATCH_SIZE = 64
+NUM_WORKERS = 4
+LR, WEIGHT_DECAY = 1e-4, 1e-6
+WARMUP_STEPS = 500
+MAX_STEPS = 20000
+BF16 = True
+# Evaluation
+NUM_ENVS = 8
+NUM_EVAL_EPISODES = 50
+MAX_EPISODE_STEPS = 300
+EVAL_EVERY = 5000
+RUN_NAME = "DiffusionUNetImageLift"
+
+ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)
+dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
+                           chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
+action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
+preprocess = Preprocessor(dataset.stats, action_space, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+
+obs_encoder = ObsEncoder(num_cams=len(RGB_KEYS), low_dim_dim=dataset.low_dim_dim)
+noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
+                              down_dims=DOWN_DIMS)
+policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
+                         sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
+
+make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS,
+                   max_episode_steps=MAX_EPISODE_STEPS, image_size=IMAGE_SIZE)
+evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
+
+train(policy, preprocess, dataset, TrainConfig(
+    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,
+    warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+), evaluator)

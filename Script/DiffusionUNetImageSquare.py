@@ -1,0 +1,68 @@
+"""Diffusion Policy (Chi et al. 2023) with the 1D temporal UNet on robomimic Square (ph, absolute actions).
+
+The configuration of EDiRobotics/mimictest's ``DiffusionChiUNetImageMimic.py``: agentview +
+eye-in-hand 84x84 images cropped to 76x76, ResNet-18 (GroupNorm, spatial softmax) per camera,
+down_dims (512, 1024, 2048), DDPM 100 steps, 8 executed steps per chunk, lr 3e-4, 400-step episodes.
+It needs ``square/ph/image_abs.hdf5`` (Diffusion Policy's data release; there is no scripted Square expert):
+    accelerate launch --multi_gpu --num_processes 4 Script/DiffusionUNetImageSquare.py
+"""
+
+from functools import partial
+
+from mimictest.data import require_dataset
+from mimictest.data.robomimic import RobomimicDataset
+from mimictest.envs.robosuite import RobosuiteEnv
+from mimictest.evaluate import Evaluator
+from mimictest.nets.obs_encoder import ObsEncoder
+from mimictest.nets.unet1d import ConditionalUnet1D
+from mimictest.policies.diffusion import DiffusionPolicy
+from mimictest.preprocess import ActionSpace, Preprocessor
+from mimictest.train import TrainConfig, train
+
+# Data
+DATASET_PATH = "Datasets/robomimic/square/ph/image_abs.hdf5"
+RGB_KEYS = ["agentview_image", "robot0_eye_in_hand_image"]
+LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+IMAGE_SIZE, CROP_SIZE = (84, 84), (76, 76)
+OBS_HORIZON = 2
+CHUNK_SIZE = 16
+EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + 8
+# Network and diffusion
+DOWN_DIMS = (512, 1024, 2048)
+SAMPLER, NUM_INFERENCE_STEPS = "ddpm", 100
+# Optimisation
+BATCH_SIZE = 256  # per process
+NUM_WORKERS = 8
+LR, WEIGHT_DECAY = 3e-4, 1e-4
+WARMUP_STEPS = 500
+GRAD_CLIP = 10.0
+MAX_STEPS = 60000
+BF16 = True
+# Evaluation
+NUM_ENVS = 16
+NUM_EVAL_EPISODES = 96
+MAX_EPISODE_STEPS = 400
+EVAL_EVERY = 10000
+RUN_NAME = "DiffusionUNetImageSquare"
+
+require_dataset(DATASET_PATH, "Get square/ph/image_abs.hdf5 from the Diffusion Policy data release (robomimic_image.zip), "
+                "or robomimic's square/ph/image.hdf5 (delta actions), and set DATASET_PATH at the top of this script.")
+dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
+                           chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
+action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
+preprocess = Preprocessor(dataset.stats, action_space, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+
+obs_encoder = ObsEncoder(num_cams=len(RGB_KEYS), low_dim_dim=dataset.low_dim_dim)
+noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
+                              down_dims=DOWN_DIMS)
+policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
+                         sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
+
+make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS,
+                   max_episode_steps=MAX_EPISODE_STEPS, image_size=IMAGE_SIZE)
+evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
+
+train(policy, preprocess, dataset, TrainConfig(
+    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,
+    warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+), evaluator)
