@@ -84,6 +84,8 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     set_seed(cfg.seed + accelerator.process_index)
     device = accelerator.device
+    if device.type == "cpu":  # `accelerate launch` sets OMP_NUM_THREADS=1: give each process its share of the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.state.num_processes))
     run_dir = os.path.join(cfg.save_root, cfg.run_name)
     ckpt_path = os.path.join(run_dir, "last.pt")
     log = _Logger(accelerator, cfg, run_dir)

@@ -1,0 +1,77 @@
+"""Diffusion Policy (Chi et al. 2023) with the time-series diffusion transformer on robomimic Square (ph, abs. actions).
+
+Diffusion Policy's robomimic image transformer configuration (github.com/real-stanford/diffusion_policy,
+``image/square_ph/diffusion_policy_transformer``): agentview + eye-in-hand 84x84 images cropped to 76x76,
+ResNet-18 (GroupNorm, spatial softmax) per camera, 2 observation steps, a 10-step prediction horizon with 8
+executed steps, an 8-layer 256-wide 4-head causal transformer with attention dropout 0.3, DDPM 100 steps,
+batch 64, AdamW lr 1e-4 with betas (0.9, 0.95), weight decay 1e-3 on the transformer and 1e-6 on the
+observation encoder, 1000 warmup steps (the reference then decays the LR with a cosine; here it stays
+constant). It needs ``square/ph/image_abs.hdf5`` (Diffusion Policy's data release; there is no scripted
+Square expert). Sized for one GPU at the paper's batch size:
+    accelerate launch Script/DiffusionTransformerImageSquare.py
+"""
+
+from functools import partial
+
+from mimictest.data import require_dataset
+from mimictest.data.robomimic import RobomimicDataset
+from mimictest.envs.robosuite import RobosuiteEnv
+from mimictest.evaluate import Evaluator
+from mimictest.nets.obs_encoder import ObsEncoder
+from mimictest.nets.transformer import DiffusionTransformer
+from mimictest.policies.diffusion import DiffusionPolicy
+from mimictest.preprocess import ActionSpace, Preprocessor
+from mimictest.train import TrainConfig, train
+
+# Data
+DATASET_PATH = "Datasets/robomimic/square/ph/image_abs.hdf5"
+RGB_KEYS = ["agentview_image", "robot0_eye_in_hand_image"]
+LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+IMAGE_SIZE, CROP_SIZE = (84, 84), (76, 76)
+OBS_HORIZON = 2
+CHUNK_SIZE = 10
+EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + 8
+# Network and diffusion
+N_LAYER, N_HEAD, N_EMB = 8, 4, 256
+P_DROP_EMB, P_DROP_ATTN = 0.0, 0.3
+N_COND_LAYERS = 0
+SAMPLER, NUM_INFERENCE_STEPS = "ddpm", 100
+# Optimisation
+BATCH_SIZE = 64  # per process
+NUM_WORKERS = 8
+LR, BETAS = 1e-4, (0.9, 0.95)
+TRANSFORMER_WEIGHT_DECAY, OBS_ENCODER_WEIGHT_DECAY = 1e-3, 1e-6
+WARMUP_STEPS = 1000
+GRAD_CLIP = 10.0  # a loose safety net: the reference does not clip
+MAX_STEPS = 200000
+BF16 = True
+# Evaluation
+NUM_ENVS = 16
+NUM_EVAL_EPISODES = 96
+MAX_EPISODE_STEPS = 400
+EVAL_EVERY = 25000
+RUN_NAME = "DiffusionTransformerImageSquare"
+
+require_dataset(DATASET_PATH, "Get square/ph/image_abs.hdf5 from the Diffusion Policy data release (robomimic_image.zip), "
+                "or robomimic's square/ph/image.hdf5 (delta actions), and set DATASET_PATH at the top of this script.")
+dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
+                           chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
+action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
+preprocess = Preprocessor(dataset.stats, action_space, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+
+obs_encoder = ObsEncoder(num_cams=len(RGB_KEYS), low_dim_dim=dataset.low_dim_dim)
+noise_net = DiffusionTransformer(action_space.model_dim, CHUNK_SIZE, OBS_HORIZON, obs_encoder.out_dim,
+                                 n_layer=N_LAYER, n_head=N_HEAD, n_emb=N_EMB, p_drop_emb=P_DROP_EMB,
+                                 p_drop_attn=P_DROP_ATTN, causal_attn=True, n_cond_layers=N_COND_LAYERS)
+policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
+                         sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
+
+make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS,
+                   max_episode_steps=MAX_EPISODE_STEPS, image_size=IMAGE_SIZE)
+evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
+
+train(policy, preprocess, dataset, TrainConfig(
+    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, betas=BETAS,
+    warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+), evaluator, param_groups=noise_net.optim_groups(TRANSFORMER_WEIGHT_DECAY)
+   + [{"params": obs_encoder.parameters(), "weight_decay": OBS_ENCODER_WEIGHT_DECAY}])

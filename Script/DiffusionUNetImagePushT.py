@@ -1,0 +1,79 @@
+"""Diffusion Policy (Chi et al. 2023) with the 1D temporal UNet on PushT, from 96x96 images.
+
+The paper's PushT image setup (diffusion_policy ``image_pusht_diffusion_policy_cnn.yaml``): one
+96x96 image randomly cropped to 84x84 and encoded by a ResNet-18 with GroupNorm and spatial
+softmax, plus the agent position; obs horizon 2, prediction horizon 16, 8 executed steps,
+DDPM with 100 steps, AdamW lr 1e-4, 300-step evaluation episodes, and a UNet with down_dims
+(512, 1024, 2048) trained with batch 64 for 3050 epochs on a GPU. The defaults below are sized to
+finish in about an hour on a 2-core CPU instead, where the ResNet-18 (about 1 s per step of 32
+samples) bounds the training length and the sampler the evaluation time: a small UNet, batch 32,
+2500 steps, DDIM with 10 steps. Expect a partly trained policy there; on a GPU, restore the
+paper's DOWN_DIMS, BATCH_SIZE, sampler and a much larger MAX_STEPS.
+
+With DATASET_PATH empty, the scripted PushT expert writes NUM_DEMOS episodes (seeds 0 ..
+NUM_DEMOS - 1, about 2 s each) to EXPERT_PATH; evaluation seeds start at 100000. For the human
+demonstrations, download https://diffusion-policy.cs.columbia.edu/data/training/pusht.zip and set
+DATASET_PATH = "Datasets/pusht/pusht_cchi_v7_replay.zarr".
+    accelerate launch Script/DiffusionUNetImagePushT.py
+"""
+
+from functools import partial
+
+from mimictest.data import require_dataset
+from mimictest.data.pusht import HOW_TO_GET, PushTDataset
+from mimictest.demos import ensure_demos
+from mimictest.demos.pusht import generate_pusht_demos
+from mimictest.envs.pusht import PushTEnv
+from mimictest.evaluate import Evaluator
+from mimictest.nets.obs_encoder import ObsEncoder
+from mimictest.nets.unet1d import ConditionalUnet1D
+from mimictest.policies.diffusion import DiffusionPolicy
+from mimictest.preprocess import ActionSpace, Preprocessor
+from mimictest.train import TrainConfig, train
+
+# Data
+DATASET_PATH = ""  # "" = scripted-expert demos at EXPERT_PATH; or the real pusht_cchi_v7_replay.zarr
+EXPERT_PATH = "Datasets/pusht_expert.zarr"
+NUM_DEMOS = 100  # scripted-expert episodes attempted when EXPERT_PATH does not exist
+IMAGE_SIZE, CROP_SIZE = (96, 96), (84, 84)
+OBS_HORIZON = 2
+CHUNK_SIZE = 16
+EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + 8
+# Network and diffusion
+DOWN_DIMS = (64, 128, 256)  # 4.9M parameters; the paper's (512, 1024, 2048) has 252M
+SAMPLER, NUM_INFERENCE_STEPS = "ddim", 10  # the paper: DDPM with 100 steps (10x slower evaluation on a CPU)
+# Optimisation
+BATCH_SIZE = 32  # the paper: 64
+NUM_WORKERS = 0  # images are cached in RAM; worker processes would only compete for the 2 cores
+LR, WEIGHT_DECAY = 1e-4, 1e-6
+WARMUP_STEPS = 200
+MAX_STEPS = 2500
+BF16 = False  # True is faster on GPUs and on CPUs with AMX
+# Evaluation
+NUM_ENVS = 4
+NUM_EVAL_EPISODES = 50
+MAX_EPISODE_STEPS = 300
+EVAL_EVERY = 0  # 0: only after training
+RUN_NAME = "DiffusionUNetImagePushT"
+
+if DATASET_PATH:
+    require_dataset(DATASET_PATH, f"Set DATASET_PATH = '' to train on generated demos, or {HOW_TO_GET}.")
+else:
+    ensure_demos(EXPERT_PATH, generate_pusht_demos, episodes=NUM_DEMOS)
+dataset = PushTDataset(DATASET_PATH or EXPERT_PATH, obs_mode="image", obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
+action_space = ActionSpace(None, "absolute", env_dim=2)
+preprocess = Preprocessor(dataset.stats, action_space, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+
+obs_encoder = ObsEncoder(num_cams=1, low_dim_dim=dataset.low_dim_dim)
+noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
+                              down_dims=DOWN_DIMS)
+policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
+                         sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
+
+make_env = partial(PushTEnv, obs_mode="image", max_episode_steps=MAX_EPISODE_STEPS)
+evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
+
+train(policy, preprocess, dataset, TrainConfig(
+    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,
+    warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+), evaluator)

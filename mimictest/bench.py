@@ -1,0 +1,410 @@
+"""Benchmarks that print tables (and write JSON): training throughput, inference latency, env scaling.
+
+    python -m mimictest.bench train --config dp-pusht-image [--precision both] [--vs-lerobot]
+    python -m mimictest.bench infer --config dp-pusht-image --envs 8
+    python -m mimictest.bench envs --env lift-lowdim --workers 1 2
+
+Training steps run the real path: uint8 batches from a DataLoader through the prefetcher, the
+device-side preprocessor, the policy's loss, backward and AdamW. Batches are synthetic, with the
+configuration's exact shapes, so no dataset is needed. ``--vs-lerobot`` also times LeRobot 0.6.1
+on the same shapes through ``shared/peers/lerobot`` (installed in its own venv by its setup.sh)
+and prints ours / LeRobot from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mimictest.data.prefetcher import Prefetcher, endless
+from mimictest.preprocess import ActionSpace, Preprocessor
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Shapes and network of one policy x benchmark configuration."""
+
+    policy: str  # "diffusion-unet" | "diffusion-transformer" | "act"
+    cams: int
+    image: tuple[int, int] | None
+    crop: tuple[int, int] | None
+    low_dim: int
+    env_action: int
+    rotation: str | None
+    obs_horizon: int
+    chunk: int
+    batch: int
+    net: dict = field(default_factory=dict)
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    # Diffusion Policy's PushT image configuration (Chi et al. 2023), the LeRobot comparison point.
+    "dp-pusht-image": BenchConfig("diffusion-unet", 1, (96, 96), (84, 84), 2, 2, None, 2, 16, 32,
+                                  {"down_dims": (512, 1024, 2048)}),
+    "dpt-pusht-image": BenchConfig("diffusion-transformer", 1, (96, 96), (84, 84), 2, 2, None, 2, 16, 64, {}),
+    # The quickstart: Script/DiffusionUNetLowdimLift.py.
+    "dp-lift-lowdim": BenchConfig("diffusion-unet", 0, None, None, 19, 7, "axis_angle", 2, 16, 256,
+                                  {"down_dims": (64, 128, 256)}),
+    "dp-lift-image": BenchConfig("diffusion-unet", 2, (84, 84), (76, 76), 9, 7, "axis_angle", 2, 16, 64,
+                                 {"down_dims": (256, 512, 1024)}),
+    # LeRobot's default ACT configuration (chunk 100, batch 8) on ALOHA's 14-d joints, one 480x640 camera.
+    "act-aloha": BenchConfig("act", 1, (480, 640), None, 14, 14, None, 1, 100, 8, {}),
+}
+
+
+def build_policy(cfg: BenchConfig) -> tuple[torch.nn.Module, Preprocessor]:
+    """The policy and preprocessor of a configuration, with unit statistics."""
+    action_space = ActionSpace(cfg.rotation, "absolute", env_dim=cfg.env_action)
+    stats = {"action": {"min": [-1.0] * cfg.env_action, "max": [1.0] * cfg.env_action}}
+    if cfg.low_dim:
+        stats["low_dim"] = {"min": [-1.0] * cfg.low_dim, "max": [1.0] * cfg.low_dim}
+    preprocess = Preprocessor(stats, action_space, image_size=cfg.image, crop_size=cfg.crop)
+    A = action_space.model_dim
+    if cfg.policy.startswith("diffusion"):
+        from mimictest.nets.obs_encoder import ObsEncoder
+        from mimictest.policies.diffusion import DiffusionPolicy
+
+        encoder = ObsEncoder(num_cams=cfg.cams, low_dim_dim=cfg.low_dim)
+        if cfg.policy == "diffusion-unet":
+            from mimictest.nets.unet1d import ConditionalUnet1D
+
+            net = ConditionalUnet1D(A, cfg.obs_horizon * encoder.out_dim, **cfg.net)
+        else:
+            from mimictest.nets.transformer import DiffusionTransformer
+
+            net = DiffusionTransformer(A, chunk_size=cfg.chunk, n_obs_steps=cfg.obs_horizon, cond_dim=encoder.out_dim, **cfg.net)
+        return DiffusionPolicy(encoder, net, A, cfg.chunk), preprocess
+    if cfg.policy == "act":
+        from mimictest.nets.act import ACT
+        from mimictest.policies.act import ACTPolicy
+
+        return ACTPolicy(ACT(num_cams=cfg.cams, low_dim_dim=cfg.low_dim, action_dim=A, chunk_size=cfg.chunk, **cfg.net)), preprocess
+    raise ValueError(f"unknown policy {cfg.policy!r}")
+
+
+class SyntheticWindows(Dataset):
+    """Random uint8 images / float vectors with a configuration's item shapes (as a reader yields them)."""
+
+    def __init__(self, cfg: BenchConfig, length: int = 4096) -> None:
+        self.cfg, self.length = cfg, length
+        rng = np.random.default_rng(0)
+        self.pool = rng.integers(0, 256, (16, cfg.cams, *cfg.image, 3), dtype=np.uint8) if cfg.cams else None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        c, rng = self.cfg, np.random.default_rng(i)
+        item = {"action": rng.uniform(-1, 1, (c.chunk, c.env_action)).astype(np.float32),
+                "is_pad": np.zeros(c.chunk, dtype=bool)}
+        if c.rotation == "axis_angle":
+            item["action"][:, 3:6] *= 3.0  # rotation vectors up to ~pi
+        if c.low_dim:
+            item["low_dim"] = rng.uniform(-1, 1, (c.obs_horizon, c.low_dim)).astype(np.float32)
+        if c.cams:
+            item["rgb"] = self.pool[(i + np.arange(c.obs_horizon)) % len(self.pool)]  # (T_obs, cams, H, W, 3)
+        return item
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training(cfg: BenchConfig, device: torch.device, bf16: bool, steps: int, warmup: int,
+                  compile_: bool = False, channels_last: bool = False, workers: int = 2) -> dict:
+    """Median seconds per optimizer step (data, preprocessing, loss, backward, AdamW) and more."""
+    torch.manual_seed(0)
+    policy, preprocess = build_policy(cfg)
+    policy.to(device).train()
+    preprocess.to(device)
+    if channels_last:
+        policy.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=1e-6, fused=device.type == "cuda")
+    model = torch.compile(policy) if compile_ else policy
+    loader = DataLoader(SyntheticWindows(cfg), batch_size=cfg.batch, shuffle=True, drop_last=True,
+                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    batches = Prefetcher(endless(loader), device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    times, waits = [], []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        batch = preprocess(next(batches), train=True)
+        with autocast:
+            loss = model(batch)["total_loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            waits.append(batches.pop_wait())
+        else:
+            batches.pop_wait()
+    median = statistics.median(times)
+    return {"s_per_step": median, "samples_per_s": cfg.batch / median,
+            "data_wait_frac": sum(waits) / sum(times), "peak_mem_mb": _peak_memory_mb(device),
+            "params_M": sum(p.numel() for p in policy.parameters()) / 1e6, "final_loss": loss.item()}
+
+
+_PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "peers")  # beside the checkout
+
+
+def lerobot_python() -> str | None:
+    """The LeRobot venv's python from ``shared/peers/lerobot/setup.sh`` (installs it on first use)."""
+    setup = os.path.join(_PEERS, "lerobot", "setup.sh")
+    if not os.path.isfile(setup):
+        return None
+    out = subprocess.run(["bash", setup], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"LeRobot peer unavailable: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return out.stdout.strip().splitlines()[-1]
+
+
+def time_lerobot(python: str, cfg: BenchConfig, device: torch.device, bf16: bool, steps: int, warmup: int) -> dict:
+    """Run the peer's bench_train.py on the same shapes; its JSON line."""
+    script = os.path.join(_PEERS, "lerobot", "bench_train.py")
+    args = [python, script, "--policy", "diffusion" if cfg.policy.startswith("diffusion") else "act",
+            "--cams", str(cfg.cams), "--state-dim", str(cfg.low_dim), "--action-dim", str(cfg.env_action),
+            "--n-obs", str(cfg.obs_horizon), "--horizon", str(cfg.chunk), "--batch", str(cfg.batch),
+            "--steps", str(steps), "--warmup", str(warmup), "--device", device.type]
+    if cfg.image:
+        args += ["--image", str(cfg.image[0])]
+    if cfg.crop:
+        args += ["--crop", str(cfg.crop[0])]
+    if "down_dims" in cfg.net:
+        args += ["--down-dims", *map(str, cfg.net["down_dims"])]
+    if bf16:
+        args.append("--amp")
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"LeRobot benchmark failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; ``columns`` are (key, header, format)."""
+    cells = [[h for _, h, _ in columns]] + [[format(r[k], f) if k in r and r[k] is not None else "-" for k, _, f in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def cmd_train(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for name in args.config:
+        cfg = CONFIGS[name] if args.batch is None else replace(CONFIGS[name], batch=args.batch)
+        for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
+            result = time_training(cfg, device, precision == "bf16", args.steps, args.warmup, args.compile,
+                                   args.channels_last, args.workers)
+            rows.append({"who": "mimictest", "config": name, "device": device.type, "precision": precision,
+                         "batch": cfg.batch, **result})
+            print(_table(rows[-1:], TRAIN_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, TRAIN_COLUMNS), flush=True)
+    if args.vs_lerobot:
+        python = lerobot_python()
+        if python is None:
+            raise SystemExit("--vs-lerobot: shared/peers/lerobot/setup.sh is missing or failed; see its message")
+        for name in args.config:
+            cfg = CONFIGS[name] if args.batch is None else replace(CONFIGS[name], batch=args.batch)
+            for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
+                peer = time_lerobot(python, cfg, device, precision == "bf16", args.steps, args.warmup)
+                rows.append({"who": "lerobot-0.6.1", "config": name, "device": device.type, "precision": precision,
+                             "batch": cfg.batch, "s_per_step": peer["s_per_step_median"],
+                             "samples_per_s": peer["samples_per_s"], "params_M": peer["params_M"],
+                             "final_loss": peer["final_loss"]})
+    print("\n" + _table(rows, TRAIN_COLUMNS))
+    if args.vs_lerobot:
+        for name in args.config:
+            ours = max((r for r in rows if r["config"] == name and r["who"] == "mimictest"), key=lambda r: r["samples_per_s"])
+            peer = max((r for r in rows if r["config"] == name and r["who"] != "mimictest"), key=lambda r: r["samples_per_s"])
+            ratio = ours["samples_per_s"] / peer["samples_per_s"]
+            print(f"{name}: mimictest {ours['samples_per_s']:.2f} samples/s ({ours['precision']}) vs LeRobot "
+                  f"{peer['samples_per_s']:.2f} samples/s ({peer['precision']}): {ratio:.2f}x, best precision of each")
+    return rows
+
+
+TRAIN_COLUMNS = [("who", "who", "s"), ("config", "config", "s"), ("device", "device", "s"), ("precision", "precision", "s"),
+                 ("batch", "batch", "d"), ("params_M", "params (M)", ".1f"), ("s_per_step", "s/step", ".3f"),
+                 ("samples_per_s", "samples/s", ".1f"), ("data_wait_frac", "data wait", ".1%"),
+                 ("peak_mem_mb", "peak mem (MiB)", ".0f")]
+
+
+def cmd_infer(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for name in args.config:
+        cfg = CONFIGS[name]
+        policy, preprocess = build_policy(cfg)
+        policy.to(device).eval()
+        preprocess.to(device)
+        samplers = [("ddpm", 100), ("ddim", 10)] if cfg.policy.startswith("diffusion") else [("single pass", 1)]
+        for sampler, steps in samplers:
+            if cfg.policy.startswith("diffusion"):
+                from mimictest.policies.diffusion import DiffusionPolicy
+
+                policy = DiffusionPolicy(policy.obs_encoder, policy.noise_net, policy.action_dim, policy.chunk_size,
+                                         sampler=sampler, num_inference_steps=steps).to(device).eval()
+            for batch_size in (1, args.envs):
+                data = SyntheticWindows(cfg, length=batch_size)
+                items = [data[i] for i in range(batch_size)]
+                raw = {k: torch.from_numpy(np.stack([it[k] for it in items])).to(device) for k in ("rgb", "low_dim") if k in items[0]}
+                for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
+                    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+                    times = []
+                    for i in range(args.warmup + args.repeats):
+                        _sync(device)
+                        start = time.perf_counter()
+                        with torch.no_grad(), autocast:
+                            preprocess.unnormalize_action(policy.predict(preprocess(raw, train=False)).float())
+                        _sync(device)
+                        if i >= args.warmup:
+                            times.append(time.perf_counter() - start)
+                    rows.append({"config": name, "sampler": sampler, "steps": steps, "batch": batch_size,
+                                 "precision": precision, "ms_per_chunk": 1e3 * statistics.median(times)})
+                    print(_table(rows[-1:], INFER_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, INFER_COLUMNS), flush=True)
+    print("\n" + _table(rows, INFER_COLUMNS))
+    return rows
+
+
+INFER_COLUMNS = [("config", "config", "s"), ("sampler", "sampler", "s"), ("steps", "steps", "d"), ("batch", "batch", "d"),
+                 ("precision", "precision", "s"), ("ms_per_chunk", "ms/chunk", ".1f")]
+
+
+def _env_factory(name: str) -> tuple[Callable, BenchConfig, Callable[[np.random.Generator, int], np.ndarray]]:
+    """``make_env(render_video=...)``, the matching policy configuration, and an action sampler."""
+    if name.startswith("lift"):
+        from mimictest.demos.lift import lift_env_args, LOW_DIM_KEYS, RGB_KEYS
+        from mimictest.envs.robosuite import RobosuiteEnv
+
+        image = name == "lift-image"
+        keys = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"] if image else LOW_DIM_KEYS
+        make = partial(RobosuiteEnv, lift_env_args(image), rgb_keys=RGB_KEYS if image else [], low_dim_keys=keys,
+                       max_episode_steps=10**9)
+
+        def sample(rng: np.random.Generator, n: int) -> np.ndarray:
+            """Absolute targets in a box over the table, gripper pointing down."""
+            pos = rng.uniform([-0.15, -0.15, 0.85], [0.15, 0.15, 1.05], (n, 3))
+            rot = np.tile([np.pi, 0.0, 0.0], (n, 1)) + rng.normal(0, 0.1, (n, 3))
+            return np.concatenate([pos, rot, rng.choice([-1.0, 1.0], (n, 1))], axis=1)
+
+        return make, CONFIGS["dp-lift-image" if image else "dp-lift-lowdim"], sample
+    if name == "pusht":
+        from mimictest.envs.pusht import PushTEnv
+
+        return (partial(PushTEnv, obs_mode="image", max_episode_steps=10**9), CONFIGS["dp-pusht-image"],
+                lambda rng, n: rng.uniform(0, 512, (n, 2)))
+    if name.startswith("aloha"):
+        from mimictest.envs.aloha import AlohaEnv
+
+        return (partial(AlohaEnv, task="transfer_cube", cams=("top",), image_size=(480, 640), max_episode_steps=10**9),
+                CONFIGS["act-aloha"], lambda rng, n: rng.uniform(-0.5, 0.5, (n, 14)))
+    raise SystemExit(f"unknown env {name!r}; choose from lift-lowdim, lift-image, pusht, aloha")
+
+
+def cmd_envs(args: argparse.Namespace) -> list[dict]:
+    from mimictest.envs.vector import make_vec_env
+    from mimictest.evaluate import Predictor
+
+    make_env, cfg, sample = _env_factory(args.env)
+    device = torch.device(args.device)
+    policy, preprocess = build_policy(cfg)
+    policy.to(device).eval()
+    preprocess.to(device)
+    predictor = Predictor(policy, preprocess, device)
+    exec_steps = max(1, min(8, cfg.chunk - cfg.obs_horizon + 1))
+    rows = []
+    for workers in args.workers:
+        venv = make_vec_env([partial(make_env, render_video=False) for _ in range(workers)], subprocess=workers > 1)
+        rng = np.random.default_rng(0)
+        for mode in ("simulator alone", "policy in the loop"):
+            venv.seed(0)
+            obs = venv.reset()
+            history = {k: np.repeat(v[:, None], cfg.obs_horizon, axis=1) for k, v in obs.items()}
+            queue: list[np.ndarray] = []
+            start, steps = time.perf_counter(), 0
+            while steps < args.steps or time.perf_counter() - start < args.min_seconds:
+                if mode == "simulator alone":
+                    actions = sample(rng, workers)
+                else:
+                    if not queue:
+                        chunk = predictor.chunk(history)[:, cfg.obs_horizon - 1:][:, :exec_steps]  # (n, exec, model_dim)
+                        queue = list(chunk.transpose(1, 0, 2))
+                    actions = predictor.to_env(queue.pop(0))
+                obs, _, _, _ = venv.step(actions)
+                for k, h in history.items():
+                    h[:, :-1] = h[:, 1:]
+                    h[:, -1] = obs[k]
+                steps += 1
+            elapsed = time.perf_counter() - start
+            rows.append({"env": args.env, "workers": workers, "mode": mode, "env_steps_per_s": steps * workers / elapsed})
+            print(_table(rows[-1:], ENV_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, ENV_COLUMNS), flush=True)
+        venv.close()
+        alone, loop = rows[-2]["env_steps_per_s"], rows[-1]["env_steps_per_s"]
+        rows[-1]["vs_alone"] = loop / alone
+    print("\n" + _table(rows, ENV_COLUMNS))
+    return rows
+
+
+ENV_COLUMNS = [("env", "env", "s"), ("workers", "workers", "d"), ("mode", "mode", "s"),
+               ("env_steps_per_s", "env steps/s", ".1f"), ("vs_alone", "vs alone", ".0%")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mimictest.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    train = sub.add_parser("train", help="training throughput")
+    train.add_argument("--config", nargs="+", default=["dp-pusht-image"], choices=sorted(CONFIGS))
+    train.add_argument("--batch", type=int, help="override the configuration's batch size")
+    train.add_argument("--precision", default="both", choices=["fp32", "bf16", "both"])
+    train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--warmup", type=int, default=3)
+    train.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    train.add_argument("--compile", action="store_true")
+    train.add_argument("--channels-last", action="store_true")
+    train.add_argument("--vs-lerobot", action="store_true", help="also time LeRobot 0.6.1 on the same shapes")
+    infer = sub.add_parser("infer", help="latency to produce one action chunk")
+    infer.add_argument("--config", nargs="+", default=["dp-pusht-image"], choices=sorted(CONFIGS))
+    infer.add_argument("--envs", type=int, default=8, help="the batched size (parallel envs)")
+    infer.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
+    infer.add_argument("--repeats", type=int, default=5)
+    infer.add_argument("--warmup", type=int, default=1)
+    envs = sub.add_parser("envs", help="environment steps per second vs parallel workers")
+    envs.add_argument("--env", default="lift-lowdim")
+    envs.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    envs.add_argument("--steps", type=int, default=200, help="vector steps per measurement (at least)")
+    envs.add_argument("--min-seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    rows = {"train": cmd_train, "infer": cmd_infer, "envs": cmd_envs}[args.cmd](args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"command": sys.argv, "threads": torch.get_num_threads(), "rows": rows}, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
