@@ -36,7 +36,7 @@ BATCH_SIZE = 256
 NUM_WORKERS = 0  # low-dim windows are cheap to gather; worker processes would only compete for cores
 LR, WEIGHT_DECAY = 1e-4, 1e-6
 WARMUP_STEPS = 200
-MAX_STEPS = 6000
+MAX_STEPS = 4000
 BF16 = False
 # Evaluation
 NUM_ENVS = 4

@@ -143,12 +143,14 @@ class Evaluator:
         history = {k: np.repeat(v[:, None], self.obs_horizon, axis=1) for k, v in obs.items()}
         queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         ensemblers = [TemporalEnsembler(self.temporal_ensemble) for _ in range(num_envs)] if self.temporal_ensemble else None
+        last: list[np.ndarray] = [np.empty(0)] * num_envs  # the action each worker executes this step
         steps, score_max = np.zeros(num_envs, int), np.full(num_envs, -np.inf)
         frames: list[np.ndarray] = []
         records: list[dict] = []
         bar = tqdm(total=num_episodes, desc="eval", unit="episode", disable=not progress, leave=False)
         while any(q > 0 for q in quota):
-            need = list(range(num_envs)) if ensemblers else [i for i in range(num_envs) if not queues[i]]
+            # Workers past their quota keep stepping (the vector env steps all) on their last action, unpredicted.
+            need = [i for i in range(num_envs) if quota[i] > 0 and (ensemblers or not queues[i])]
             if need:
                 window = {k: h[need] for k, h in history.items()}  # (n, T_obs, ...)
                 chunk = predictor.chunk(window)[:, self.exec_start : self.exec_end]  # (n, H, model_dim)
@@ -157,7 +159,10 @@ class Evaluator:
                         ensemblers[i].add(chunk[j])
                     else:
                         queues[i] = list(chunk[j])
-            model_actions = np.stack([e.pop() for e in ensemblers] if ensemblers else [q.pop(0) for q in queues])
+            for i in range(num_envs):
+                if quota[i] > 0:
+                    last[i] = ensemblers[i].pop() if ensemblers else queues[i].pop(0)
+            model_actions = np.stack(last)  # (num_envs, model_dim)
             obs, rewards, dones, infos = venv.step(predictor.to_env(model_actions))
             steps += 1
             score_max = np.maximum(score_max, [info.get("score", r) for info, r in zip(infos, rewards)])

@@ -84,3 +84,25 @@ def test_two_process_ddp_on_cpu(demos, tmp_path):
     assert summary["episodes"] == 4
     ranks = {e["rank"] for e in json.load(open(tmp_path / "tiny" / "eval_step10.json"))["episodes"]}
     assert ranks == {0, 1}, "both processes should evaluate their share of the episodes"
+
+
+def test_profiler_and_compile_paths(demos, tmp_path):
+    """torch.compile of the loss and the profiler trace, in-process, without evaluation."""
+    from mimictest.data.robomimic import RobomimicDataset
+    from mimictest.nets.obs_encoder import ObsEncoder
+    from mimictest.nets.unet1d import ConditionalUnet1D
+    from mimictest.policies.diffusion import DiffusionPolicy
+    from mimictest.preprocess import ActionSpace, Preprocessor
+    from mimictest.train import TrainConfig, train
+
+    keys = ["object", "robot0_eef_pos"]
+    dataset = RobomimicDataset(demos, [], keys, obs_horizon=2, chunk_size=8)
+    preprocess = Preprocessor(dataset.stats, ActionSpace())
+    net = ConditionalUnet1D(10, 2 * dataset.low_dim_dim, down_dims=(16, 32), diffusion_step_embed_dim=16)
+    policy = DiffusionPolicy(ObsEncoder(0, dataset.low_dim_dim), net, 10, 8)
+    cfg = TrainConfig(run_name="compiled", max_steps=12, batch_size=8, warmup_steps=2, num_workers=0, log_every=6,
+                      save_every=0, compile=True, profile=True, save_root=str(tmp_path))
+    assert train(policy, preprocess, dataset, cfg) is None
+    profile = tmp_path / "compiled" / "profile"
+    assert list(profile.glob("trace_*.json")) and "Self CPU" in (profile / "top_ops.txt").read_text()
+    assert checkpoint.load(str(tmp_path / "compiled" / "last.pt"))["step"] == 12
