@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torchvision  # noqa: F401  (before dm_control's EGL context: importing it afterwards segfaults)
 from torch.utils.data import DataLoader, Dataset
 
 from mimictest.data.prefetcher import Prefetcher, endless
