@@ -48,6 +48,7 @@ NUM_WORKERS = 0  # images are cached in RAM; worker processes would only compete
 LR, WEIGHT_DECAY = 1e-4, 1e-6
 WARMUP_STEPS = 200
 MAX_STEPS = 2500
+MAX_MINUTES = 60  # stop training after an hour even if MAX_STEPS is not reached (None: no limit)
 BF16 = False  # True is faster on GPUs and on CPUs with AMX
 # Evaluation
 NUM_ENVS = 4
@@ -74,6 +75,7 @@ make_env = partial(PushTEnv, obs_mode="image", max_episode_steps=MAX_EPISODE_STE
 evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
 
 train(policy, preprocess, dataset, TrainConfig(
-    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,
+    run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,
+    weight_decay=WEIGHT_DECAY,
     warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
 ), evaluator)

@@ -38,6 +38,8 @@ class TrainConfig:
         run_name: checkpoints, evaluation results and videos go to ``<save_root>/<run_name>/``.
         batch_size: samples per process per step (global batch = batch_size * processes).
         max_steps: total optimizer steps.
+        max_minutes: also stop after this many minutes of training in this launch (evaluations not
+            counted), then save and evaluate as at ``max_steps``; ``None`` for no time limit.
         lr, weight_decay, betas: AdamW (Diffusion Policy: 1e-4, 1e-6, (0.95, 0.999)).
         warmup_steps: linear LR warmup, then constant.
         grad_clip: max global gradient norm (``0`` disables).
@@ -54,6 +56,7 @@ class TrainConfig:
 
     run_name: str
     max_steps: int
+    max_minutes: float | None = None
     batch_size: int = 256
     lr: float = 1e-4
     weight_decay: float = 1e-6
@@ -131,6 +134,7 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
     profiler = _profiler(run_dir) if cfg.profile and accelerator.is_main_process else contextlib.nullcontext()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process)
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     model.train()
     with profiler as prof:
         while step < cfg.max_steps:
@@ -152,7 +156,13 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
             if prof is not None:
                 prof.step()
 
-            last = step == cfg.max_steps
+            time_up = False
+            if cfg.max_minutes and step % max(cfg.log_every, 1) == 0:  # every process must agree to stop
+                late = torch.tensor(float(time.perf_counter() >= deadline), device=device)
+                time_up = accelerator.reduce(late, reduction="sum").item() > 0
+            last = step == cfg.max_steps or time_up
+            if last and step < cfg.max_steps:
+                log.print(f"stopping at step {step}: max_minutes={cfg.max_minutes} of training reached")
             if _due(step, cfg.log_every, last):
                 elapsed = time.perf_counter() - window_start
                 loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
@@ -168,10 +178,14 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
             if _due(step, cfg.save_every, last):
                 _save(accelerator, ckpt_path, policy, preprocess, optimizer, scheduler, ema, step, cfg)
             if evaluator is not None and _due(step, cfg.eval_every, last):
+                eval_start = time.perf_counter()
                 summary = _evaluate(accelerator, evaluator, ema.module if ema else policy, preprocess, run_dir, step, log)
                 model.train()
                 window_start = time.perf_counter()
+                deadline += window_start - eval_start
                 batches.pop_wait()
+            if last:
+                break
     bar.close()
     if evaluator is not None and summary is None:  # a finished run that is launched again re-evaluates
         summary = _evaluate(accelerator, evaluator, ema.module if ema else policy, preprocess, run_dir, step, log)

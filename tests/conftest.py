@@ -10,3 +10,16 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torchvision  # noqa: E402,F401  (import order, see above)
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors run fastest on one thread, and the test machine's cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,7 +1,6 @@
 """Tests for ACT: network shapes, padding mask, CVAE at train vs. inference time, overfitting, optimiser groups."""
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,13 +13,7 @@ LOW_DIM, CHUNK, ACTION = 5, 8, 10
 IMAGE = 32  # ResNet-18 layer4 gives a 1x1 map: one token per camera
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread, and the test machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_act(num_cams: int, low_dim_dim: int = LOW_DIM, shared_backbone: bool = True) -> ACT:

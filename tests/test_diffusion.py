@@ -1,6 +1,5 @@
 """Tests for the Diffusion Policy stack: UNet, vision/obs encoders, policy training and sampling, EMA."""
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,13 +14,7 @@ from mimictest.policies.ema import EMA
 LOW_DIM, T_OBS, CHUNK, ACT = 4, 2, 8, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread, and the test machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_unet(action_dim: int = ACT, cond_dim: int = T_OBS * LOW_DIM) -> ConditionalUnet1D:

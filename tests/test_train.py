@@ -86,20 +86,34 @@ def test_two_process_ddp_on_cpu(demos, tmp_path):
     assert ranks == {0, 1}, "both processes should evaluate their share of the episodes"
 
 
-def test_profiler_and_compile_paths(demos, tmp_path):
-    """torch.compile of the loss and the profiler trace, in-process, without evaluation."""
+def tiny_setup(demos):
     from mimictest.data.robomimic import RobomimicDataset
     from mimictest.nets.obs_encoder import ObsEncoder
     from mimictest.nets.unet1d import ConditionalUnet1D
     from mimictest.policies.diffusion import DiffusionPolicy
     from mimictest.preprocess import ActionSpace, Preprocessor
-    from mimictest.train import TrainConfig, train
 
-    keys = ["object", "robot0_eef_pos"]
-    dataset = RobomimicDataset(demos, [], keys, obs_horizon=2, chunk_size=8)
+    dataset = RobomimicDataset(demos, [], ["object", "robot0_eef_pos"], obs_horizon=2, chunk_size=8)
     preprocess = Preprocessor(dataset.stats, ActionSpace())
     net = ConditionalUnet1D(10, 2 * dataset.low_dim_dim, down_dims=(16, 32), diffusion_step_embed_dim=16)
-    policy = DiffusionPolicy(ObsEncoder(0, dataset.low_dim_dim), net, 10, 8)
+    return DiffusionPolicy(ObsEncoder(0, dataset.low_dim_dim), net, 10, 8), preprocess, dataset
+
+
+def test_max_minutes_stops_and_saves(demos, tmp_path):
+    from mimictest.train import TrainConfig, train
+
+    policy, preprocess, dataset = tiny_setup(demos)
+    cfg = TrainConfig(run_name="timed", max_steps=10**6, max_minutes=1e-4, batch_size=8, num_workers=0, log_every=3,
+                      save_every=0, save_root=str(tmp_path))
+    train(policy, preprocess, dataset, cfg)
+    assert checkpoint.load(str(tmp_path / "timed" / "last.pt"))["step"] == 3
+
+
+def test_profiler_and_compile_paths(demos, tmp_path):
+    """torch.compile of the loss and the profiler trace, in-process, without evaluation."""
+    from mimictest.train import TrainConfig, train
+
+    policy, preprocess, dataset = tiny_setup(demos)
     cfg = TrainConfig(run_name="compiled", max_steps=12, batch_size=8, warmup_steps=2, num_workers=0, log_every=6,
                       save_every=0, compile=True, profile=True, save_root=str(tmp_path))
     assert train(policy, preprocess, dataset, cfg) is None

@@ -1,6 +1,5 @@
 """Tests for Diffusion Policy's time-series diffusion transformer and its use inside DiffusionPolicy."""
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,13 +12,7 @@ from mimictest.policies.diffusion import DiffusionPolicy
 LOW_DIM, T_OBS, CHUNK, ACT = 4, 2, 8, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread, and the test machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(chunk: int = CHUNK, n_obs_steps: int = T_OBS, cond_dim: int = LOW_DIM, **kwargs) -> DiffusionTransformer:

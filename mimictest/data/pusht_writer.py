@@ -20,11 +20,12 @@ import math
 import os
 import shutil
 import tempfile
-from types import TracebackType
 
 import numcodecs
 import numpy as np
 import zarr
+
+from mimictest.data.writer import AtomicWriter
 
 TARGET_CHUNK_BYTES = 2_000_000
 IMAGE_DTYPES = ("float32", "uint8")
@@ -40,7 +41,7 @@ def _row_chunks(row_shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
     return (max(1, math.ceil(TARGET_CHUNK_BYTES / row_bytes)), *row_shape)
 
 
-class PushTZarrWriter:
+class PushTZarrWriter(AtomicWriter):
     """Context manager that appends episodes and atomically publishes a replay-buffer zarr folder.
 
     Everything is written to a temporary folder next to ``path`` and renamed at close, so an
@@ -154,17 +155,3 @@ class PushTZarrWriter:
         if self._tmp_path is not None:
             shutil.rmtree(self._tmp_path, ignore_errors=True)
             self._tmp_path = None
-
-    def __enter__(self) -> PushTZarrWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from types import TracebackType
 
 import h5py
 import numpy as np
 
+from mimictest.data.writer import AtomicWriter
 
-class RobomimicWriter:
+
+class RobomimicWriter(AtomicWriter):
     """Context manager that collects demos and atomically publishes a robomimic hdf5 file on close.
 
     Everything is written to a temporary file next to ``path`` and renamed at close, so an
@@ -147,17 +148,3 @@ class RobomimicWriter:
             self._file = None
         if os.path.exists(self._tmp_path):
             os.remove(self._tmp_path)
-
-    def __enter__(self) -> RobomimicWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
