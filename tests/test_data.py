@@ -98,3 +98,14 @@ def test_script_without_dataset_says_where_to_get_it(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "dataset not found: 'Datasets/robomimic/square/ph/image_abs.hdf5'" in lines[0]
     assert "Diffusion Policy data release" in lines[0]
+
+
+def test_controller_is_absolute_reads_legacy_and_both_composite_layouts():
+    from mimictest.data.robomimic import controller_is_absolute
+
+    assert controller_is_absolute({"type": "OSC_POSE", "control_delta": False})
+    assert not controller_is_absolute({"type": "OSC_POSE", "control_delta": True})
+    arm = {"type": "OSC_POSE", "input_type": "absolute"}
+    assert controller_is_absolute({"type": "BASIC", "body_parts": {"right": arm}})
+    assert controller_is_absolute({"type": "BASIC", "body_parts": {"arms": {"right": arm}}})
+    assert not controller_is_absolute({"type": "BASIC", "body_parts": {"arms": {"right": {**arm, "input_type": "delta"}}}})

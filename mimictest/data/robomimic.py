@@ -176,16 +176,20 @@ class RobomimicDataset(WindowDataset):
         super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb)
         self.demo_names = names
         controller = self.env_meta.get("env_kwargs", {}).get("controller_configs", {})
-        self.absolute_actions = _controller_is_absolute(controller)
+        self.absolute_actions = controller_is_absolute(controller)
         raw = _file_stats(path, ["actions"] + [f"obs/{k}" for k in low_dim_keys])  # also rejects NaN / inf
         self.stats = {"action": raw["actions"]}
         if low_dim_keys:
             self.stats["low_dim"] = concat_stats([raw[f"obs/{k}"] for k in low_dim_keys])
 
 
-def _controller_is_absolute(config: dict) -> bool:
-    """Whether a legacy (robosuite <= 1.4) or composite (1.5) controller config commands absolute poses."""
-    if "body_parts" in config:
-        arms = [p for p in config["body_parts"].values() if isinstance(p, dict) and "input_type" in p]
-        return any(p["input_type"] == "absolute" for p in arms)
-    return config.get("control_delta", True) is False
+def controller_is_absolute(config: dict) -> bool:
+    """Whether a legacy (robosuite <= 1.4) or composite (1.5) controller config commands absolute poses.
+
+    Composite configs keep their arms either directly under ``body_parts`` or under ``body_parts["arms"]``.
+    """
+    if "body_parts" not in config:
+        return config.get("control_delta", True) is False
+    parts = config["body_parts"]
+    arms = parts.get("arms", parts)
+    return any(arms[arm].get("input_type") == "absolute" for arm in ("right", "left") if arm in arms)

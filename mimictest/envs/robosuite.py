@@ -23,6 +23,8 @@ import gymnasium
 import h5py
 import numpy as np
 
+from mimictest.data.robomimic import controller_is_absolute
+
 _ROBOSUITE_LOGGER = "robosuite_logs"
 _LEGACY_ARM_TYPES = ("OSC_POSE", "OSC_POSITION", "IK_POSE", "JOINT_POSITION", "JOINT_VELOCITY", "JOINT_TORQUE")
 # robosuite <= 1.4 key -> robosuite 1.5 key of the same OSC gain setting.
@@ -149,13 +151,6 @@ def translate_controller_config(cfg: dict, robot: str, absolute: bool | None = N
     return refactor_composite_controller_config(part, robot, _robot_arms(robot))
 
 
-def _uses_absolute(composite: dict) -> bool:
-    """Whether any arm of a composite config takes absolute poses."""
-    parts = composite.get("body_parts", {})
-    arms = parts.get("arms", parts)
-    return any(arms[arm].get("input_type") == "absolute" for arm in ("right", "left") if arm in arms)
-
-
 class RobosuiteEnv(gymnasium.Env):
     """A robosuite task as a gymnasium env with mimictest's ``{"rgb", "low_dim"}`` observations.
 
@@ -196,7 +191,7 @@ class RobosuiteEnv(gymnasium.Env):
         robot = robots[0] if isinstance(robots, (list, tuple)) else robots
         controller = kwargs.get("controller_configs") or robosuite.load_composite_controller_config(robot=robot)
         kwargs["controller_configs"] = translate_controller_config(controller, robot, absolute)
-        self.absolute = _uses_absolute(kwargs["controller_configs"])
+        self.absolute = controller_is_absolute(kwargs["controller_configs"])
 
         self._cameras = [key[: -len("_image")] for key in rgb_keys]
         if image_size is None:
