@@ -141,7 +141,7 @@ def time_training(cfg: BenchConfig, device: torch.device, bf16: bool, steps: int
     preprocess.to(device)
     if channels_last:
         policy.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=1e-6, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=1e-6, fused=True)  # as train.py
     model = torch.compile(policy) if compile_ else policy
     loader = DataLoader(SyntheticWindows(cfg), batch_size=cfg.batch, shuffle=True, drop_last=True,
                         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mimictest.nets.obs_encoder import ObsEncoder
-from mimictest.nets.unet1d import ConditionalUnet1D
+from mimictest.nets.unet1d import ConditionalUnet1D, SameConv1d
 from mimictest.nets.vision import ResNet18SpatialSoftmax
 from mimictest.policies.diffusion import DiffusionPolicy
 from mimictest.policies.ema import EMA
@@ -48,6 +48,27 @@ def test_unet_shapes(horizon: int) -> None:
     out = net(torch.randn(3, horizon, 10), torch.tensor([0, 50, 99]), torch.randn(3, 38))
     assert out.shape == (3, horizon, 10)
     assert net(torch.randn(3, horizon, 10), 7, torch.randn(3, 38)).shape == (3, horizon, 10)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 5])
+def test_same_conv1d_matches_conv1d(kernel_size: int) -> None:
+    """The matmul convolution gives nn.Conv1d's output and gradients with the same parameters."""
+    torch.manual_seed(0)
+    ours = SameConv1d(6, 4, kernel_size)
+    ref = torch.nn.Conv1d(6, 4, kernel_size, padding=kernel_size // 2)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 6, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, out_ref = ours(x), ref(x_ref)
+    torch.testing.assert_close(out, out_ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        SameConv1d(6, 4, 4)
 
 
 def test_unet_rejects_bad_inputs() -> None:
