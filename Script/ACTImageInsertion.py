@@ -54,10 +54,12 @@ BETAS = (0.9, 0.999)  # ACT: AdamW's defaults
 WARMUP_STEPS = 0  # ACT: constant lr
 GRAD_CLIP = 10.0  # ACT: none; LeRobot: 10
 MAX_STEPS = 10000  # ACT: 2000 epochs x 5 batches
-BF16 = False  # bf16 autocast helps on GPUs and on CPUs with AMX
+MAX_MINUTES = 60  # stop training after an hour even if MAX_STEPS is not reached (None: no limit)
+BF16 = True  # bf16 autocast: faster on GPUs and on CPUs with AMX
+CHANNELS_LAST = True  # with BF16, faster ResNet-18 steps
 # Evaluation
-NUM_ENVS = 2
-NUM_EVAL_EPISODES = 20  # ACT: 50
+NUM_ENVS = 4
+NUM_EVAL_EPISODES = 50  # ACT: 50
 MAX_EPISODE_STEPS = 400  # ACT: 400
 EVAL_EVERY = 0  # only at the end
 RUN_NAME = "ACTImageInsertion"
@@ -78,7 +80,7 @@ evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_S
                       temporal_ensemble=TEMPORAL_ENSEMBLE)
 
 train(policy, preprocess, dataset, TrainConfig(
-    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
-    warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, ema=False, num_workers=NUM_WORKERS, bf16=BF16,
+    run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
+    warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, ema=False, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST,
     eval_every=EVAL_EVERY,
 ), evaluator, param_groups=policy.param_groups(LR_BACKBONE))

@@ -76,6 +76,6 @@ evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_S
 
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
-    warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, ema=False, num_workers=NUM_WORKERS, bf16=BF16,
+    warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, ema=False, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST,
     eval_every=EVAL_EVERY,
 ), evaluator, param_groups=policy.param_groups(LR_BACKBONE))

@@ -5,9 +5,9 @@ The paper's PushT image setup (diffusion_policy ``image_pusht_diffusion_policy_c
 softmax, plus the agent position; obs horizon 2, prediction horizon 16, 8 executed steps,
 DDPM with 100 steps, AdamW lr 1e-4, 300-step evaluation episodes, and a UNet with down_dims
 (512, 1024, 2048) trained with batch 64 for 3050 epochs on a GPU. The defaults below are sized to
-finish in about an hour on a 2-core CPU instead, where the ResNet-18 (about 1 s per step of 32
-samples) bounds the training length and the sampler the evaluation time: a small UNet, batch 32,
-2500 steps, DDIM with 10 steps. Expect a partly trained policy there; on a GPU, restore the
+finish in about an hour on a 2-core CPU instead, where the ResNet-18 bounds the training length
+and the sampler the evaluation time: a small UNet, batch 32, bf16 with channels-last weights
+(0.40 s per step of 32 samples on this CPU, 0.63 s in fp32), up to 10000 steps, DDIM with 10 steps. Expect a partly trained policy there; on a GPU, restore the
 paper's DOWN_DIMS, BATCH_SIZE, sampler and a much larger MAX_STEPS.
 
 With DATASET_PATH empty, the scripted PushT expert writes NUM_DEMOS episodes (seeds 0 ..
@@ -47,9 +47,10 @@ BATCH_SIZE = 32  # the paper: 64
 NUM_WORKERS = 0  # images are cached in RAM; worker processes would only compete for the 2 cores
 LR, WEIGHT_DECAY = 1e-4, 1e-6
 WARMUP_STEPS = 200
-MAX_STEPS = 2500
+MAX_STEPS = 10000
 MAX_MINUTES = 60  # stop training after an hour even if MAX_STEPS is not reached (None: no limit)
-BF16 = False  # True is faster on GPUs and on CPUs with AMX
+BF16 = True  # bf16 autocast: faster on GPUs and on CPUs with AMX
+CHANNELS_LAST = True  # with BF16, 2x faster ResNet-18 steps on an AMX CPU
 # Evaluation
 NUM_ENVS = 4
 NUM_EVAL_EPISODES = 50
@@ -77,5 +78,5 @@ evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_S
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,
     weight_decay=WEIGHT_DECAY,
-    warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+    warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY,
 ), evaluator)

@@ -56,6 +56,9 @@ CONFIGS: dict[str, BenchConfig] = {
     # Diffusion Policy's PushT image configuration (Chi et al. 2023), the LeRobot comparison point.
     "dp-pusht-image": BenchConfig("diffusion-unet", 1, (96, 96), (84, 84), 2, 2, None, 2, 16, 32,
                                   {"down_dims": (512, 1024, 2048)}),
+    # Script/DiffusionUNetImagePushT.py: the same inputs with the small CPU-sized UNet.
+    "dp-pusht-image-small": BenchConfig("diffusion-unet", 1, (96, 96), (84, 84), 2, 2, None, 2, 16, 32,
+                                        {"down_dims": (64, 128, 256)}),
     "dpt-pusht-image": BenchConfig("diffusion-transformer", 1, (96, 96), (84, 84), 2, 2, None, 2, 16, 64, {}),
     # The quickstart: Script/DiffusionUNetLowdimLift.py.
     "dp-lift-lowdim": BenchConfig("diffusion-unet", 0, None, None, 19, 7, "axis_angle", 2, 16, 256,
@@ -64,6 +67,9 @@ CONFIGS: dict[str, BenchConfig] = {
                                  {"down_dims": (256, 512, 1024)}),
     # LeRobot's default ACT configuration (chunk 100, batch 8) on ALOHA's 14-d joints, one 480x640 camera.
     "act-aloha": BenchConfig("act", 1, (480, 640), None, 14, 14, None, 1, 100, 8, {}),
+    # Script/ACTImageTransferCube.py: the CPU-sized ACT (120x160 top camera, d_model 256).
+    "act-aloha-small": BenchConfig("act", 1, (120, 160), None, 14, 14, None, 1, 100, 8,
+                                   {"d_model": 256, "dim_feedforward": 1024}),
 }
 
 

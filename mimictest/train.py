@@ -47,6 +47,8 @@ class TrainConfig:
         num_workers: DataLoader worker processes per training process.
         log_every, eval_every, save_every: intervals in steps (``0`` = only at the end).
         bf16: bf16 autocast (CUDA, and CPUs with AMX/AVX512-BF16).
+        channels_last: store 4-D (convolution) weights channels-last; with ``bf16`` on this AMX CPU it
+            makes the ResNet-18 step 2x faster (``python -m mimictest.bench train --channels-last``).
         compile: ``torch.compile`` the policy's loss computation.
         profile: record a torch profiler trace of a few steps to ``<run>/profile/``.
         wandb_project: log to Weights & Biases under this project, or ``None`` for stdout only.
@@ -69,6 +71,7 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 1000
     bf16: bool = False
+    channels_last: bool = False
     compile: bool = False
     profile: bool = False
     wandb_project: str | None = None
@@ -88,7 +91,7 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
     set_seed(cfg.seed + accelerator.process_index)
     device = accelerator.device
     if device.type == "cpu":  # `accelerate launch` sets OMP_NUM_THREADS=1: give each process its share of the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.state.num_processes))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // accelerator.state.num_processes))
     run_dir = os.path.join(cfg.save_root, cfg.run_name)
     ckpt_path = os.path.join(run_dir, "last.pt")
     log = _Logger(accelerator, cfg, run_dir)
@@ -99,6 +102,8 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
                         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     policy.to(device)
+    if cfg.channels_last:
+        policy.to(memory_format=torch.channels_last)
     preprocess.to(device)
     optimizer = torch.optim.AdamW(param_groups or policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                   fused=True)  # one kernel per step, on CPU too: 10x faster than foreach there
