@@ -48,7 +48,7 @@ NUM_VAE_ENCODER_LAYERS, LATENT_DIM = 4, 32  # ACT: 4, 32
 KL_WEIGHT = 10.0  # ACT: 10
 # Optimisation
 BATCH_SIZE = 8  # ACT: 8
-NUM_WORKERS = 1
+NUM_WORKERS = 0  # images are cached in RAM; worker processes would only compete for the CPU cores
 LR, LR_BACKBONE, WEIGHT_DECAY = 5e-5, 5e-5, 1e-4  # ACT: 1e-5, 1e-5 (pretrained ResNet), 1e-4
 BETAS = (0.9, 0.999)  # ACT: AdamW's defaults
 WARMUP_STEPS = 0  # ACT: constant lr
