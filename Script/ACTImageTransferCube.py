@@ -42,6 +42,7 @@ CHUNK_SIZE = 100  # ACT: 100 (2 s at 50 Hz)
 TEMPORAL_ENSEMBLE = 0.01  # ACT: 0.01 (with --temporal_agg)
 EXEC_START, EXEC_END = 0, CHUNK_SIZE
 # Network
+BACKBONE_NORM, BACKBONE_WEIGHTS = "group", None  # ACT: "frozen_batch" and ImageNet weights (a local resnet18-f37072fd.pth)
 D_MODEL, NHEAD, DIM_FEEDFORWARD, DROPOUT = 256, 8, 1024, 0.1  # ACT: 512, 8, 3200, 0.1
 NUM_ENCODER_LAYERS, NUM_DECODER_LAYERS = 4, 1  # ACT: 4, 7 built of which 1 is used
 NUM_VAE_ENCODER_LAYERS, LATENT_DIM = 4, 32  # ACT: 4, 32
@@ -70,6 +71,7 @@ action_space = ActionSpace(None, "absolute", env_dim=14)
 preprocess = Preprocessor(dataset.stats, action_space, image_size=IMAGE_SIZE)
 
 net = ACT(action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, num_cams=len(CAMS),
+          backbone_norm=BACKBONE_NORM, backbone_weights=BACKBONE_WEIGHTS,
           d_model=D_MODEL, nhead=NHEAD, num_encoder_layers=NUM_ENCODER_LAYERS, num_decoder_layers=NUM_DECODER_LAYERS,
           dim_feedforward=DIM_FEEDFORWARD, dropout=DROPOUT, num_vae_encoder_layers=NUM_VAE_ENCODER_LAYERS,
           latent_dim=LATENT_DIM)

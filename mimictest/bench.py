@@ -65,8 +65,9 @@ CONFIGS: dict[str, BenchConfig] = {
                                   {"down_dims": (64, 128, 256)}),
     "dp-lift-image": BenchConfig("diffusion-unet", 2, (84, 84), (76, 76), 9, 7, "axis_angle", 2, 16, 64,
                                  {"down_dims": (256, 512, 1024)}),
-    # LeRobot's default ACT configuration (chunk 100, batch 8) on ALOHA's 14-d joints, one 480x640 camera.
-    "act-aloha": BenchConfig("act", 1, (480, 640), None, 14, 14, None, 1, 100, 8, {}),
+    # LeRobot's default ACT configuration (chunk 100, batch 8) on ALOHA's 14-d joints, one 480x640 camera;
+    # ACT's (and LeRobot's) ResNet-18 has frozen BatchNorm.
+    "act-aloha": BenchConfig("act", 1, (480, 640), None, 14, 14, None, 1, 100, 8, {"backbone_norm": "frozen_batch"}),
     # Script/ACTImageTransferCube.py: the CPU-sized ACT (120x160 top camera, d_model 256).
     "act-aloha-small": BenchConfig("act", 1, (120, 160), None, 14, 14, None, 1, 100, 8,
                                    {"d_model": 256, "dim_feedforward": 1024}),

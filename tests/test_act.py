@@ -170,3 +170,59 @@ def test_position_embeddings() -> None:
     assert torch.allclose(grid[:, :4].reshape(2, 3, 4)[:, 0], grid[:, :4].reshape(2, 3, 4)[:, 2])  # same row
     assert torch.allclose(grid[:, 4:].reshape(2, 3, 4)[0], grid[:, 4:].reshape(2, 3, 4)[1])  # same column
     assert torch.allclose(grid[5, 4:6], torch.tensor([0.0, 1.0]), atol=1e-4)  # last column: angle 2 pi
+
+
+def test_frozen_batchnorm_trunk_loads_torchvision_weights(tmp_path) -> None:
+    """A torchvision ResNet-18 file loads into the frozen-BatchNorm trunk, which then matches eval-mode BatchNorm."""
+    import torchvision
+
+    from mimictest.nets.act import resnet18_trunk
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    for module in reference.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics, as ImageNet weights have
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    trunk = resnet18_trunk("frozen_batch", str(path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.nn.Sequential(*list(reference.eval().children())[:-2])(x)
+        torch.testing.assert_close(trunk(x), expected, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = trunk.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.bfloat16, "frozen BatchNorm must not promote bf16 activations to fp32"
+    trainable = {n for n, p in trunk.named_parameters()}
+    assert not any("running" in n or n.endswith("bn1.weight") for n in trainable), "BatchNorm must stay frozen"
+
+    with pytest.raises(ValueError, match="frozen_batch"):
+        resnet18_trunk("group", str(path))
+    with pytest.raises(FileNotFoundError, match="resnet18-f37072fd"):
+        resnet18_trunk("frozen_batch", str(tmp_path / "missing.pth"))
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a torchvision ResNet-18"):
+        resnet18_trunk("frozen_batch", str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match="backbone_norm"):
+        resnet18_trunk("batch")
+
+
+def test_act_with_pretrained_backbone_trains(tmp_path) -> None:
+    """ACT with a frozen-BatchNorm backbone from a weights file trains its convolutions, not its statistics."""
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    policy = ACTPolicy(ACT(ACTION, CHUNK, LOW_DIM, 1, backbone_norm="frozen_batch", backbone_weights=str(path),
+                           d_model=32, nhead=4, num_encoder_layers=1, dim_feedforward=64, num_vae_encoder_layers=1,
+                           latent_dim=8))
+    stats = policy.net.backbones[0][1].running_mean.clone()
+    conv = policy.net.backbones[0][0].weight.clone()
+    opt = torch.optim.AdamW(policy.param_groups(lr_backbone=1e-3), lr=1e-3)
+    policy(random_batch(2, 1))["total_loss"].backward()
+    opt.step()
+    assert torch.equal(stats, policy.net.backbones[0][1].running_mean)
+    assert not torch.equal(conv, policy.net.backbones[0][0].weight)

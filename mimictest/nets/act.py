@@ -10,11 +10,14 @@ Zhao et al., "Learning Fine-Grained Bimanual Manipulation with Low-Cost Hardware
   with DETR's normalised 2D sinusoidal position embedding (``d_model / 2`` channels for y, then
   ``d_model / 2`` for x; positions ``1..h`` scaled to ``(0, 2 pi]``). Each camera gets the same
   embedding, as in ACT. ``shared_backbone=False`` gives each camera its own ResNet instead.
-- Normalisation in the ResNet: ACT loads ImageNet weights and freezes BatchNorm; no pretrained
-  weights are available here, and a frozen BatchNorm with fresh statistics is the identity, so the
-  ResNet is trained from scratch with GroupNorm (``channels // 16`` groups), Diffusion Policy's
-  choice for from-scratch ResNets: unlike trainable BatchNorm it does not depend on ACT's small
-  batches (8), has no train/eval gap, and keeps no running statistics for DDP or an EMA to sync.
+- Normalisation in the ResNet: ACT loads ImageNet weights and freezes BatchNorm
+  (``backbone_norm="frozen_batch"`` with ``backbone_weights`` = a local torchvision ResNet-18 file;
+  inputs are then normalised with ImageNet's mean and std, as ACT does). Without pretrained weights
+  a frozen BatchNorm with fresh statistics is the identity (LeRobot's ACT with
+  ``pretrained_backbone_weights=None``), so the default trains the ResNet from scratch with
+  GroupNorm (``channels // 16`` groups), Diffusion Policy's choice for from-scratch ResNets: unlike
+  trainable BatchNorm it does not depend on ACT's small batches (8), has no train/eval gap, and
+  keeps no running statistics for DDP or an EMA to sync.
 - Transformer (DETR style, post-norm, ReLU, dropout 0.1): encoder over
   ``[latent, proprio, image tokens]`` with learned position embeddings for the first two tokens;
   decoder whose ``chunk_size`` learned queries start from zeros and cross-attend to the encoder
@@ -34,6 +37,7 @@ Zhao et al., "Learning Fine-Grained Bimanual Manipulation with Low-Cost Hardware
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +81,46 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(channels // 16, channels)
 
 
-def resnet18_trunk() -> nn.Sequential:
-    """Torchvision ResNet-18 from scratch with GroupNorm, up to layer4: `(N, 3, H, W)` -> `(N, 512, h, w)`."""
-    resnet = torchvision.models.resnet18(weights=None, norm_layer=_group_norm)
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """BatchNorm with fixed statistics and affine (DETR, ACT), as one multiply-add in the input's dtype.
+
+    Torchvision's version multiplies by fp32 buffers, which turns bf16 activations into fp32 ones
+    at full resolution; this one keeps bf16 under autocast.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`(N, C, H, W)` -> `(N, C, H, W)`."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,)
+        shift = self.bias - self.running_mean * scale  # (C,)
+        return torch.addcmul(shift.to(x.dtype)[:, None, None], x, scale.to(x.dtype)[:, None, None])
+
+
+BACKBONE_NORMS = ("group", "frozen_batch")
+
+
+def resnet18_trunk(norm: str = "group", weights: str | None = None) -> nn.Sequential:
+    """Torchvision ResNet-18 up to layer4: `(N, 3, H, W)` -> `(N, 512, ceil(H/32), ceil(W/32))`.
+
+    Args:
+        norm: ``"group"`` (GroupNorm, trained from scratch) or ``"frozen_batch"`` (ACT's frozen BatchNorm).
+        weights: a local torchvision ResNet-18 state dict (e.g. ``resnet18-f37072fd.pth``, ImageNet),
+            only with ``norm="frozen_batch"``; ``None`` starts from random weights.
+    """
+    if norm not in BACKBONE_NORMS:
+        raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {norm!r}")
+    if weights is not None and norm != "frozen_batch":
+        raise ValueError("pretrained ResNet weights carry BatchNorm statistics: set backbone_norm='frozen_batch'")
+    resnet = torchvision.models.resnet18(weights=None, norm_layer=_group_norm if norm == "group" else FrozenBatchNorm2d)
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"no ResNet-18 weights at {weights!r}: download torchvision's resnet18-f37072fd.pth (ImageNet) "
+                "to this path, or set BACKBONE_WEIGHTS = None to train the ResNet from scratch"
+            )
+        try:
+            resnet.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except RuntimeError as err:
+            raise ValueError(f"{weights!r} is not a torchvision ResNet-18 state dict: {err}") from err
     return nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool + fc
 
 
@@ -176,6 +217,8 @@ class ACT(nn.Module):
         low_dim_dim: `D` of the proprioceptive observation (0: no proprio token, no `low_dim` key).
         num_cams: cameras in `rgb` (0: no `rgb` key; the encoder then sees only latent + proprio).
         shared_backbone: one ResNet-18 for every camera (ACT) or one per camera.
+        backbone_norm, backbone_weights: see `resnet18_trunk`; ACT: ``"frozen_batch"`` with ImageNet
+            weights. With weights, images are normalised with ImageNet's mean and std.
         d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout: the
             transformer (ACT: 512, 8, 4, 1 effective, 3200, 0.1).
         num_vae_encoder_layers, latent_dim: the CVAE encoder (ACT: 4, 32).
@@ -188,6 +231,8 @@ class ACT(nn.Module):
         low_dim_dim: int,
         num_cams: int,
         shared_backbone: bool = True,
+        backbone_norm: str = "group",
+        backbone_weights: str | None = None,
         d_model: int = 512,
         nhead: int = 8,
         num_encoder_layers: int = 4,
@@ -214,7 +259,10 @@ class ACT(nn.Module):
 
         # Observation tokens.
         num_backbones = 0 if num_cams == 0 else (1 if shared_backbone else num_cams)
-        self.backbones = nn.ModuleList(resnet18_trunk() for _ in range(num_backbones))
+        self.backbones = nn.ModuleList(resnet18_trunk(backbone_norm, backbone_weights) for _ in range(num_backbones))
+        self.imagenet_input = backbone_weights is not None
+        self.register_buffer("imagenet_mean", torch.tensor([0.485, 0.456, 0.406])[:, None, None], persistent=False)
+        self.register_buffer("imagenet_std", torch.tensor([0.229, 0.224, 0.225])[:, None, None], persistent=False)
         self.image_proj = nn.Conv2d(512, d_model, kernel_size=1) if num_cams else None
         self.low_dim_proj = nn.Linear(low_dim_dim, d_model) if low_dim_dim else None
         self.latent_proj = nn.Linear(latent_dim, d_model)
@@ -269,6 +317,8 @@ class ACT(nn.Module):
     def image_tokens(self, rgb: Tensor) -> tuple[Tensor, Tensor]:
         """`(B, cams, 3, H, W)` -> tokens `(B, cams * h * w, d)` and their position embedding `(cams * h * w, d)`."""
         batch_size, cams = rgb.shape[:2]
+        if self.imagenet_input:  # [-1, 1] -> ImageNet-normalised, what pretrained weights expect
+            rgb = ((rgb + 1) / 2 - self.imagenet_mean) / self.imagenet_std
         if len(self.backbones) == 1:
             feats = self.backbones[0](rgb.flatten(0, 1))  # (B * cams, 512, h, w)
             feats = feats.unflatten(0, (batch_size, cams))  # (B, cams, 512, h, w)
