@@ -11,7 +11,7 @@ SIM = [
     "gym-aloha>=0.1.1",
 ]
 FLORENCE = ["transformers>=5.0"]
-DEV = ["pytest>=8", "pytest-timeout"]
+DEV = ["pytest>=8", "pytest-timeout", "pyflakes>=3"]
 
 setup(
     name="mimictest",
