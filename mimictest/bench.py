@@ -323,14 +323,16 @@ def _env_factory(name: str) -> tuple[Callable, BenchConfig, Callable[[np.random.
     if name == "pusht":
         from mimictest.envs.pusht import PushTEnv
 
-        return (partial(PushTEnv, obs_mode="image", max_episode_steps=10**9), CONFIGS["dp-pusht-image"],
+        return (partial(PushTEnv, obs_mode="image", max_episode_steps=10**9), CONFIGS["dp-pusht-image-small"],
                 lambda rng, n: rng.uniform(0, 512, (n, 2)))
     if name.startswith("aloha"):
         from mimictest.envs.aloha import AlohaEnv
 
-        return (partial(AlohaEnv, task="transfer_cube", cams=("top",), image_size=(480, 640), max_episode_steps=10**9),
-                CONFIGS["act-aloha"], lambda rng, n: rng.uniform(-0.5, 0.5, (n, 14)))
-    raise SystemExit(f"unknown env {name!r}; choose from lift-lowdim, lift-image, pusht, aloha")
+        small = name == "aloha-small"
+        size = (120, 160) if small else (480, 640)
+        return (partial(AlohaEnv, task="transfer_cube", cams=("top",), image_size=size, max_episode_steps=10**9),
+                CONFIGS["act-aloha-small" if small else "act-aloha"], lambda rng, n: rng.uniform(-0.5, 0.5, (n, 14)))
+    raise SystemExit(f"unknown env {name!r}; choose from lift-lowdim, lift-image, pusht, aloha, aloha-small")
 
 
 def cmd_envs(args: argparse.Namespace) -> list[dict]:
@@ -340,10 +342,17 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
     make_env, cfg, sample = _env_factory(args.env)
     device = torch.device(args.device)
     policy, preprocess = build_policy(cfg)
+    if cfg.policy.startswith("diffusion"):  # the CPU scripts' sampler
+        from mimictest.policies.diffusion import DiffusionPolicy
+
+        policy = DiffusionPolicy(policy.obs_encoder, policy.noise_net, policy.action_dim, policy.chunk_size,
+                                 sampler="ddim", num_inference_steps=10)
     policy.to(device).eval()
     preprocess.to(device)
     predictor = Predictor(policy, preprocess, device)
-    exec_steps = max(1, min(8, cfg.chunk - cfg.obs_horizon + 1))
+    # Executed actions per chunk: Diffusion Policy's 8, or ACT's whole chunk (plain chunking, no ensembling).
+    default_exec = 8 if cfg.policy.startswith("diffusion") else cfg.chunk
+    exec_steps = max(1, min(args.exec or default_exec, cfg.chunk - cfg.obs_horizon + 1))
     rows = []
     for workers in args.workers:
         venv = make_vec_env([partial(make_env, render_video=False) for _ in range(workers)], subprocess=workers > 1)
@@ -368,7 +377,8 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
                     h[:, -1] = obs[k]
                 steps += 1
             elapsed = time.perf_counter() - start
-            rows.append({"env": args.env, "workers": workers, "mode": mode, "env_steps_per_s": steps * workers / elapsed})
+            rows.append({"env": args.env, "workers": workers, "mode": mode, "exec": exec_steps if mode != "simulator alone" else None,
+                         "env_steps_per_s": steps * workers / elapsed})
             print(_table(rows[-1:], ENV_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, ENV_COLUMNS), flush=True)
         venv.close()
         alone, loop = rows[-2]["env_steps_per_s"], rows[-1]["env_steps_per_s"]
@@ -377,7 +387,7 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-ENV_COLUMNS = [("env", "env", "s"), ("workers", "workers", "d"), ("mode", "mode", "s"),
+ENV_COLUMNS = [("env", "env", "s"), ("workers", "workers", "d"), ("mode", "mode", "s"), ("exec", "actions/chunk", "d"),
                ("env_steps_per_s", "env steps/s", ".1f"), ("vs_alone", "vs alone", ".0%")]
 
 
@@ -407,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     envs.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     envs.add_argument("--steps", type=int, default=200, help="vector steps per measurement (at least)")
     envs.add_argument("--min-seconds", type=float, default=5.0)
+    envs.add_argument("--exec", type=int, help="actions executed per predicted chunk (default: 8 for Diffusion Policy, "
+                      "the whole chunk for ACT)")
     args = parser.parse_args(argv)
     rows = {"train": cmd_train, "infer": cmd_infer, "envs": cmd_envs}[args.cmd](args)
     if args.json:

@@ -25,3 +25,4 @@ def test_bench_train_infer_envs_write_tables(tmp_path, capsys):
     rows = json.load(open(out))["rows"]
     assert [r["mode"] for r in rows] == ["simulator alone", "policy in the loop"]
     assert all(r["env_steps_per_s"] > 0 for r in rows)
+    assert rows[1]["exec"] == 8, "Diffusion Policy executes 8 actions of each chunk"
