@@ -57,6 +57,7 @@ NUM_ENVS = 8
 NUM_EVAL_EPISODES = 50
 MAX_EPISODE_STEPS = 300
 EVAL_EVERY = 5000
+EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt, e.g. again with TEMPORAL_ENSEMBLE = None
 RUN_NAME = "ACTImageLift"
 
 ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)
@@ -80,5 +81,5 @@ evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_S
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
     warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, ema=False, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST,
-    eval_every=EVAL_EVERY,
+    eval_every=EVAL_EVERY, eval_only=EVAL_ONLY,
 ), evaluator, param_groups=policy.param_groups(LR_BACKBONE))

@@ -121,6 +121,13 @@ class Evaluator:
             raise ValueError(f"need 0 <= exec_start < exec_end, got [{self.exec_start}, {self.exec_end})")
         self._venv = None
 
+    @property
+    def execution(self) -> str:
+        """How chunks are executed: ``"ensemble0.01"`` (temporal ensembling) or ``"chunk[1:9]"``."""
+        if self.temporal_ensemble is not None:
+            return f"ensemble{self.temporal_ensemble:g}"
+        return f"chunk[{self.exec_start}:{self.exec_end}]"
+
     def close(self) -> None:
         if self._venv is not None:
             self._venv.close()

@@ -50,6 +50,8 @@ class TrainConfig:
         channels_last: store 4-D (convolution) weights channels-last; with ``bf16`` on this AMX CPU it
             makes the ResNet-18 step 2x faster (``python -m mimictest.bench train --channels-last``).
         compile: ``torch.compile`` the policy's loss computation.
+        eval_only: do not train; evaluate the checkpoint ``<run>/last.pt`` (e.g. again with other
+            execution settings, such as ACT with and without temporal ensembling).
         profile: record a torch profiler trace of a few steps to ``<run>/profile/``.
         wandb_project: log to Weights & Biases under this project, or ``None`` for stdout only.
         wandb_mode: ``"online"`` or ``"offline"`` (sync later with ``wandb sync``).
@@ -73,6 +75,7 @@ class TrainConfig:
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
+    eval_only: bool = False
     profile: bool = False
     wandb_project: str | None = None
     wandb_mode: str = "offline"
@@ -124,6 +127,8 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
         if accelerator.is_main_process:
             checkpoint.set_rng_state(state["rng"])
         log.print(f"resumed from {ckpt_path} at step {step}/{cfg.max_steps}")
+    elif cfg.eval_only:
+        raise FileNotFoundError(f"eval_only: no checkpoint at {ckpt_path}; train first (EVAL_ONLY = False)")
 
     model, optimizer = accelerator.prepare(policy, optimizer)
     if cfg.compile:
@@ -142,7 +147,7 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
     deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     model.train()
     with profiler as prof:
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and not cfg.eval_only:
             batch = preprocess(next(batches), train=True)
             with accelerator.autocast():
                 losses = model(batch)
@@ -192,7 +197,7 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
             if last:
                 break
     bar.close()
-    if evaluator is not None and summary is None:  # a finished run that is launched again re-evaluates
+    if evaluator is not None and summary is None:  # eval_only, or a finished run launched again
         summary = _evaluate(accelerator, evaluator, ema.module if ema else policy, preprocess, run_dir, step, log)
     if evaluator is not None:
         evaluator.close()
@@ -226,16 +231,18 @@ def _evaluate(accelerator: Accelerator, evaluator: Evaluator, policy: torch.nn.M
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if accelerator.mixed_precision == "bf16" else None
     predictor = Predictor(policy, preprocess, accelerator.device, autocast)
     start = time.perf_counter()
-    videos = os.path.join(run_dir, "videos", f"step{step}") if accelerator.is_main_process else None
+    # Ensembled evaluations get their own names, so re-evaluating a checkpoint both ways keeps both results.
+    tag = f"_{evaluator.execution}" if evaluator.temporal_ensemble is not None else ""
+    videos = os.path.join(run_dir, "videos", f"step{step}{tag}") if accelerator.is_main_process else None
     records = evaluator.rollouts(predictor, share, rank=rank, video_dir=videos, progress=accelerator.is_main_process)
     records = gather_object(records)
     summary = summarize(records)
     summary["eval_seconds"] = time.perf_counter() - start
     if accelerator.is_main_process:
-        save_results(summary, records, os.path.join(run_dir, f"eval_step{step}.json"))
-    log.metrics(step, {f"eval/{k}": v for k, v in summary.items()})
-    log.print(f"step {step}: success rate {summary['success_rate']:.1f}% over {summary['episodes']} episodes "
-              f"(mean length {summary['mean_length']:.0f} steps, {summary['eval_seconds']:.0f} s)")
+        save_results({**summary, "execution": evaluator.execution}, records, os.path.join(run_dir, f"eval_step{step}{tag}.json"))
+    log.metrics(step, {f"eval/{k}{tag}": v for k, v in summary.items()})
+    log.print(f"step {step}: success rate {summary['success_rate']:.1f}% over {summary['episodes']} episodes, "
+              f"{evaluator.execution} (mean length {summary['mean_length']:.0f} steps, {summary['eval_seconds']:.0f} s)")
     return summary
 
 

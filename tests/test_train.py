@@ -25,8 +25,8 @@ def demos(tmp_path_factory):
     return path
 
 
-def run_tiny(demos, save_root, max_steps, *launcher, episodes=2, timeout=600):
-    cmd = [*launcher, TINY, demos, save_root, str(max_steps), str(episodes)]
+def run_tiny(demos, save_root, max_steps, *launcher, episodes=2, extra=(), timeout=600):
+    cmd = [*launcher, TINY, demos, save_root, str(max_steps), str(episodes), *extra]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
@@ -44,6 +44,20 @@ def test_train_and_evaluate(demos, tmp_path):
     metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [m["step"] for m in metrics if "loss" in m] == [5, 10]
     assert all(m["samples_per_s"] > 0 and 0 <= m["data_wait_frac"] <= 1 for m in metrics if "loss" in m)
+
+    # The same checkpoint again, evaluation only, with temporal ensembling: both results are kept.
+    ckpt_mtime = os.path.getmtime(run / "last.pt")
+    run_tiny(demos, str(tmp_path), 10, sys.executable, extra=["--eval-only-ensemble"])
+    assert os.path.getmtime(run / "last.pt") == ckpt_mtime, "eval_only must not train or save"
+    ensembled = json.load(open(run / "eval_step10_ensemble0.01.json"))
+    assert ensembled["summary"]["execution"] == "ensemble0.01" and len(ensembled["episodes"]) == 2
+    assert json.load(open(run / "eval_step10.json"))["summary"]["execution"] == "chunk[1:5]"
+
+
+def test_eval_only_needs_a_checkpoint(demos, tmp_path):
+    cmd = [sys.executable, TINY, demos, str(tmp_path), "10", "2", "--eval-only-ensemble"]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "eval_only: no checkpoint" in out.stderr
 
 
 def test_kill_and_resume(demos, tmp_path):

@@ -1,4 +1,8 @@
-"""A tiny Lift experiment for the end-to-end tests; run as ``python tests/tiny_lift.py DATASET SAVE_ROOT MAX_STEPS [EPISODES]``.
+"""A tiny Lift experiment for the end-to-end tests.
+
+    python tests/tiny_lift.py DATASET SAVE_ROOT MAX_STEPS [EPISODES] [--eval-only-ensemble]
+
+``--eval-only-ensemble`` only evaluates the saved checkpoint again, with temporal ensembling.
 
 Mirrors ``Script/DiffusionUNetLowdimLift.py`` at toy sizes, so tests can launch it as a real
 process (to kill it, resume it, or run it under ``accelerate launch`` with two processes).
@@ -19,6 +23,7 @@ from mimictest.train import TrainConfig, train
 
 DATASET, SAVE_ROOT, MAX_STEPS = sys.argv[1], sys.argv[2], int(sys.argv[3])
 EPISODES = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+EVAL_ONLY_ENSEMBLE = "--eval-only-ensemble" in sys.argv[5:]
 KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
 
 dataset = RobomimicDataset(DATASET, [], KEYS, obs_horizon=2, chunk_size=8)
@@ -28,9 +33,10 @@ encoder = ObsEncoder(num_cams=0, low_dim_dim=dataset.low_dim_dim)
 net = ConditionalUnet1D(action_space.model_dim, 2 * encoder.out_dim, down_dims=(16, 32), diffusion_step_embed_dim=16)
 policy = DiffusionPolicy(encoder, net, action_space.model_dim, 8, sampler="ddim", num_inference_steps=3)
 make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=[], low_dim_keys=KEYS, max_episode_steps=15)
-evaluator = Evaluator(make_env, num_envs=2, num_episodes=EPISODES, obs_horizon=2, exec_start=1, exec_end=5, num_videos=1)
+evaluator = Evaluator(make_env, num_envs=2, num_episodes=EPISODES, obs_horizon=2, exec_start=1, exec_end=5, num_videos=1,
+                      temporal_ensemble=0.01 if EVAL_ONLY_ENSEMBLE else None)
 summary = train(policy, preprocess, dataset, TrainConfig(
     run_name="tiny", max_steps=MAX_STEPS, batch_size=16, warmup_steps=5, num_workers=0,
-    log_every=5, save_every=5, save_root=SAVE_ROOT,
+    log_every=5, save_every=5, save_root=SAVE_ROOT, eval_only=EVAL_ONLY_ENSEMBLE,
 ), evaluator)
 print("SUMMARY " + json.dumps(summary))

@@ -1,0 +1,75 @@
+"""Diffusion Policy (Chi et al. 2023) with the 1D temporal UNet on PushT, from block keypoints.
+
+The paper's low-dim PushT setup (diffusion_policy ``low_dim_pusht_diffusion_policy_cnn.yaml``):
+the 9 block keypoints and the agent position (20-d), obs horizon 2, prediction horizon 16, 8
+executed steps, DDPM with 100 steps, AdamW lr 1e-4, 300-step evaluation episodes, and a UNet
+with down_dims (256, 512, 1024) trained with batch 256. Without images a training step is cheap,
+so this is the PushT configuration that learns within an hour on a 2-core CPU; the defaults keep
+the paper's setup except the UNet width and the training length.
+
+With DATASET_PATH empty, the scripted PushT expert writes NUM_DEMOS episodes (seeds 0 ..
+NUM_DEMOS - 1) to EXPERT_PATH; evaluation seeds start at 100000. For the human demonstrations,
+set DATASET_PATH = "Datasets/pusht/pusht_cchi_v7_replay.zarr" (see DiffusionUNetImagePushT.py).
+    accelerate launch Script/DiffusionUNetLowdimPushT.py
+"""
+
+from functools import partial
+
+from mimictest.data import require_dataset
+from mimictest.data.pusht import HOW_TO_GET, PushTDataset
+from mimictest.demos import ensure_demos
+from mimictest.demos.pusht import generate_pusht_demos
+from mimictest.envs.pusht import PushTEnv
+from mimictest.evaluate import Evaluator
+from mimictest.nets.obs_encoder import ObsEncoder
+from mimictest.nets.unet1d import ConditionalUnet1D
+from mimictest.policies.diffusion import DiffusionPolicy
+from mimictest.preprocess import ActionSpace, Preprocessor
+from mimictest.train import TrainConfig, train
+
+# Data
+DATASET_PATH = ""  # "" = scripted-expert demos at EXPERT_PATH; or the real pusht_cchi_v7_replay.zarr
+EXPERT_PATH = "Datasets/pusht_expert.zarr"
+NUM_DEMOS = 100  # scripted-expert episodes attempted when EXPERT_PATH does not exist
+OBS_HORIZON = 2
+CHUNK_SIZE = 16
+EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + 8
+# Network and diffusion
+DOWN_DIMS = (128, 256, 512)  # the paper: (256, 512, 1024), 4x the parameters
+SAMPLER, NUM_INFERENCE_STEPS = "ddpm", 100  # the paper's simulation setting
+# Optimisation
+BATCH_SIZE = 256
+NUM_WORKERS = 0  # low-dim windows are cheap to gather; worker processes would only compete for cores
+LR, WEIGHT_DECAY = 1e-4, 1e-6
+WARMUP_STEPS = 500
+MAX_STEPS = 20000
+MAX_MINUTES = 45  # stop training after this long even if MAX_STEPS is not reached (None: no limit)
+BF16 = False
+# Evaluation
+NUM_ENVS = 4
+NUM_EVAL_EPISODES = 50
+MAX_EPISODE_STEPS = 300
+EVAL_EVERY = 0  # 0: only after training
+RUN_NAME = "DiffusionUNetLowdimPushT"
+
+if DATASET_PATH:
+    require_dataset(DATASET_PATH, f"Set DATASET_PATH = '' to train on generated demos, or {HOW_TO_GET}.")
+else:
+    ensure_demos(EXPERT_PATH, generate_pusht_demos, episodes=NUM_DEMOS)
+dataset = PushTDataset(DATASET_PATH or EXPERT_PATH, obs_mode="keypoint", obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
+action_space = ActionSpace(None, "absolute", env_dim=2)
+preprocess = Preprocessor(dataset.stats, action_space)
+
+obs_encoder = ObsEncoder(num_cams=0, low_dim_dim=dataset.low_dim_dim)
+noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
+                              down_dims=DOWN_DIMS)
+policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
+                         sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
+
+make_env = partial(PushTEnv, obs_mode="keypoint", max_episode_steps=MAX_EPISODE_STEPS)
+evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
+
+train(policy, preprocess, dataset, TrainConfig(
+    run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,
+    weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+), evaluator)
