@@ -31,6 +31,7 @@ import torch
 import torchvision  # noqa: F401  (before dm_control's EGL context: importing it afterwards segfaults)
 from torch.utils.data import DataLoader, Dataset
 
+from mimictest.cpu import configure_cpu
 from mimictest.data.prefetcher import Prefetcher, endless
 from mimictest.preprocess import ActionSpace, Preprocessor
 
@@ -143,6 +144,8 @@ def time_training(cfg: BenchConfig, device: torch.device, bf16: bool, steps: int
                   compile_: bool = False, channels_last: bool = False, workers: int = 2) -> dict:
     """Median seconds per optimizer step (data, preprocessing, loss, backward, AdamW) and more."""
     torch.manual_seed(0)
+    if device.type == "cpu":
+        configure_cpu()  # as train() does
     policy, preprocess = build_policy(cfg)
     policy.to(device).train()
     preprocess.to(device)

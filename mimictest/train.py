@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mimictest import checkpoint
+from mimictest.cpu import configure_cpu
 from mimictest.data.prefetcher import Prefetcher, endless
 from mimictest.evaluate import Evaluator, Predictor, save_results, summarize
 from mimictest.policies.ema import EMA
@@ -93,8 +94,8 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     set_seed(cfg.seed + accelerator.process_index)
     device = accelerator.device
-    if device.type == "cpu":  # `accelerate launch` sets OMP_NUM_THREADS=1: give each process its share of the cores
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // accelerator.state.num_processes))
+    if device.type == "cpu":
+        configure_cpu(accelerator.state.num_processes)
     run_dir = os.path.join(cfg.save_root, cfg.run_name)
     ckpt_path = os.path.join(run_dir, "last.pt")
     log = _Logger(accelerator, cfg, run_dir)

@@ -196,8 +196,8 @@ def test_frozen_batchnorm_trunk_loads_torchvision_weights(tmp_path) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = trunk.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     assert out.dtype == torch.bfloat16, "frozen BatchNorm must not promote bf16 activations to fp32"
-    trainable = {n for n, p in trunk.named_parameters()}
-    assert not any("running" in n or n.endswith("bn1.weight") for n in trainable), "BatchNorm must stay frozen"
+    trainable = {n for n, _ in trunk.named_parameters()}
+    assert trainable and all(n.endswith("conv.weight") for n in trainable), "only convolutions train; BatchNorm is frozen"
 
     with pytest.raises(ValueError, match="frozen_batch"):
         resnet18_trunk("group", str(path))
@@ -219,10 +219,10 @@ def test_act_with_pretrained_backbone_trains(tmp_path) -> None:
     policy = ACTPolicy(ACT(ACTION, CHUNK, LOW_DIM, 1, backbone_norm="frozen_batch", backbone_weights=str(path),
                            d_model=32, nhead=4, num_encoder_layers=1, dim_feedforward=64, num_vae_encoder_layers=1,
                            latent_dim=8))
-    stats = policy.net.backbones[0][1].running_mean.clone()
-    conv = policy.net.backbones[0][0].weight.clone()
+    stem = policy.net.backbones[0][0]  # conv1 with bn1 folded in
+    stats, conv = stem.bn.running_mean.clone(), stem.conv.weight.clone()
     opt = torch.optim.AdamW(policy.param_groups(lr_backbone=1e-3), lr=1e-3)
     policy(random_batch(2, 1))["total_loss"].backward()
     opt.step()
-    assert torch.equal(stats, policy.net.backbones[0][1].running_mean)
-    assert not torch.equal(conv, policy.net.backbones[0][0].weight)
+    assert torch.equal(stats, stem.bn.running_mean)
+    assert not torch.equal(conv, stem.conv.weight)

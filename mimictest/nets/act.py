@@ -44,6 +44,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from mimictest.nets.attention import MultiheadAttention
+from mimictest.nets.dropout import Dropout
+
 
 def sinusoidal_1d(num_positions: int, dim: int) -> Tensor:
     """Transformer position table `(num_positions, dim)`: sin on even, cos on odd channels."""
@@ -81,18 +84,40 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(channels // 16, channels)
 
 
-class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
-    """BatchNorm with fixed statistics and affine (DETR, ACT), as one multiply-add in the input's dtype.
+class ConvFrozenBN(nn.Module):
+    """A convolution followed by a frozen BatchNorm, computed as one convolution with scaled weights.
 
-    Torchvision's version multiplies by fp32 buffers, which turns bf16 activations into fp32 ones
-    at full resolution; this one keeps bf16 under autocast.
+    `conv(x) * scale + shift == conv_{W * scale}(x) + shift`, so the BatchNorm costs nothing at the
+    activations' resolution (ACT's 480x640 stem maps are 64 x 240 x 320 per image). The convolution
+    weights stay trainable and the statistics frozen, exactly as with separate layers.
     """
 
+    def __init__(self, conv: nn.Conv2d, bn: torchvision.ops.FrozenBatchNorm2d) -> None:
+        super().__init__()
+        if conv.bias is not None:
+            raise ValueError("ConvFrozenBN expects a bias-free convolution, as in torchvision's ResNets")
+        self.conv, self.bn = conv, bn
+
     def forward(self, x: Tensor) -> Tensor:
-        """`(N, C, H, W)` -> `(N, C, H, W)`."""
-        scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,)
-        shift = self.bias - self.running_mean * scale  # (C,)
-        return torch.addcmul(shift.to(x.dtype)[:, None, None], x, scale.to(x.dtype)[:, None, None])
+        """`(N, C_in, H, W)` -> `(N, C_out, H', W')`."""
+        bn, conv = self.bn, self.conv
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
+        shift = bn.bias - bn.running_mean * scale  # (C_out,)
+        return F.conv2d(x, conv.weight * scale[:, None, None, None], shift, conv.stride, conv.padding, conv.dilation,
+                        conv.groups)
+
+
+def _fold_frozen_batchnorms(resnet: torchvision.models.ResNet) -> None:
+    """Replace each convolution -> FrozenBatchNorm2d pair of a torchvision ResNet by a `ConvFrozenBN`."""
+    pairs = [(resnet, "conv1", "bn1")]
+    for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for block in layer:
+            pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2")]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))
+    for parent, conv, bn in pairs:
+        setattr(parent, conv, ConvFrozenBN(getattr(parent, conv), getattr(parent, bn)))
+        setattr(parent, bn, nn.Identity())
 
 
 BACKBONE_NORMS = ("group", "frozen_batch")
@@ -110,7 +135,8 @@ def resnet18_trunk(norm: str = "group", weights: str | None = None) -> nn.Sequen
         raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {norm!r}")
     if weights is not None and norm != "frozen_batch":
         raise ValueError("pretrained ResNet weights carry BatchNorm statistics: set backbone_norm='frozen_batch'")
-    resnet = torchvision.models.resnet18(weights=None, norm_layer=_group_norm if norm == "group" else FrozenBatchNorm2d)
+    frozen = torchvision.ops.FrozenBatchNorm2d
+    resnet = torchvision.models.resnet18(weights=None, norm_layer=_group_norm if norm == "group" else frozen)
     if weights is not None:
         if not os.path.isfile(weights):
             raise FileNotFoundError(
@@ -121,6 +147,8 @@ def resnet18_trunk(norm: str = "group", weights: str | None = None) -> nn.Sequen
             resnet.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except RuntimeError as err:
             raise ValueError(f"{weights!r} is not a torchvision ResNet-18 state dict: {err}") from err
+    if norm == "frozen_batch":
+        _fold_frozen_batchnorms(resnet)
     return nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool + fc
 
 
@@ -133,18 +161,18 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
 
     def forward(self, x: Tensor, pos: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
         q = k = _with_pos(x, pos)
-        attn = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        attn = self.self_attn(q, k, x, key_padding_mask=key_padding_mask)
         x = self.norm1(x + self.dropout1(attn))
         ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout2(ff))
@@ -159,23 +187,23 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.cross_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
 
     def forward(self, x: Tensor, memory: Tensor, query_pos: Tensor, memory_pos: Tensor) -> Tensor:
         q = k = _with_pos(x, query_pos)
-        attn = self.self_attn(q, k, x, need_weights=False)[0]
+        attn = self.self_attn(q, k, x)
         x = self.norm1(x + self.dropout1(attn))
-        attn = self.cross_attn(_with_pos(x, query_pos), _with_pos(memory, memory_pos), memory, need_weights=False)[0]
+        attn = self.cross_attn(_with_pos(x, query_pos), _with_pos(memory, memory_pos), memory)
         x = self.norm2(x + self.dropout2(attn))
         ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm3(x + self.dropout3(ff))
