@@ -7,8 +7,11 @@ DDPM with 100 steps, AdamW lr 1e-4, 300-step evaluation episodes, and a UNet wit
 (512, 1024, 2048) trained with batch 64 for 3050 epochs on a GPU. The defaults below are sized to
 finish in about an hour on a 2-core CPU instead, where the ResNet-18 bounds the training length
 and the sampler the evaluation time: a small UNet, batch 32, bf16 with channels-last weights
-(0.40 s per step of 32 samples on this CPU, 0.63 s in fp32), up to 10000 steps, DDIM with 10 steps. Expect a partly trained policy there; on a GPU, restore the
-paper's DOWN_DIMS, BATCH_SIZE, sampler and a much larger MAX_STEPS.
+(0.40 s per step of 32 samples on this CPU, 0.63 s in fp32), up to 10000 steps, DDIM with 10 steps.
+Measured on one core of this CPU (docs/benchmarks.md): 60 minutes reach 5400 steps, 0% success and
+a mean max coverage of 0.20 over 50 episodes; for a useful PushT policy on a CPU, use
+DiffusionUNetLowdimPushT.py. On a GPU, restore the paper's DOWN_DIMS, BATCH_SIZE, sampler and a
+much larger MAX_STEPS.
 
 With DATASET_PATH empty, the scripted PushT expert writes NUM_DEMOS episodes (seeds 0 ..
 NUM_DEMOS - 1, about 2 s each) to EXPERT_PATH; evaluation seeds start at 100000. For the human
