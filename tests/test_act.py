@@ -176,7 +176,7 @@ def test_frozen_batchnorm_trunk_loads_torchvision_weights(tmp_path) -> None:
     """A torchvision ResNet-18 file loads into the frozen-BatchNorm trunk, which then matches eval-mode BatchNorm."""
     import torchvision
 
-    from mimictest.nets.act import resnet18_trunk
+    from mimictest.nets.vision import resnet18_trunk
 
     torch.manual_seed(0)
     reference = torchvision.models.resnet18(weights=None)

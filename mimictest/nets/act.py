@@ -37,15 +37,14 @@ Zhao et al., "Learning Fine-Grained Bimanual Manipulation with Low-Cost Hardware
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from mimictest.nets.attention import MultiheadAttention
 from mimictest.nets.dropout import Dropout
+from mimictest.nets.vision import resnet18_trunk
 
 
 def sinusoidal_1d(num_positions: int, dim: int) -> Tensor:
@@ -77,79 +76,6 @@ def sinusoidal_2d(height: int, width: int, dim: int, device: torch.device | None
     rows = encode(height)[:, None].expand(height, width, half)  # (h, w, half)
     cols = encode(width)[None].expand(height, width, half)  # (h, w, half)
     return torch.cat((rows, cols), dim=-1).reshape(height * width, dim)
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    """The ResNet's norm layer: GroupNorm with 16 channels per group."""
-    return nn.GroupNorm(channels // 16, channels)
-
-
-class ConvFrozenBN(nn.Module):
-    """A convolution followed by a frozen BatchNorm, computed as one convolution with scaled weights.
-
-    `conv(x) * scale + shift == conv_{W * scale}(x) + shift`, so the BatchNorm costs nothing at the
-    activations' resolution (ACT's 480x640 stem maps are 64 x 240 x 320 per image). The convolution
-    weights stay trainable and the statistics frozen, exactly as with separate layers.
-    """
-
-    def __init__(self, conv: nn.Conv2d, bn: torchvision.ops.FrozenBatchNorm2d) -> None:
-        super().__init__()
-        if conv.bias is not None:
-            raise ValueError("ConvFrozenBN expects a bias-free convolution, as in torchvision's ResNets")
-        self.conv, self.bn = conv, bn
-
-    def forward(self, x: Tensor) -> Tensor:
-        """`(N, C_in, H, W)` -> `(N, C_out, H', W')`."""
-        bn, conv = self.bn, self.conv
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
-        shift = bn.bias - bn.running_mean * scale  # (C_out,)
-        return F.conv2d(x, conv.weight * scale[:, None, None, None], shift, conv.stride, conv.padding, conv.dilation,
-                        conv.groups)
-
-
-def _fold_frozen_batchnorms(resnet: torchvision.models.ResNet) -> None:
-    """Replace each convolution -> FrozenBatchNorm2d pair of a torchvision ResNet by a `ConvFrozenBN`."""
-    pairs = [(resnet, "conv1", "bn1")]
-    for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
-        for block in layer:
-            pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2")]
-            if block.downsample is not None:
-                pairs.append((block.downsample, "0", "1"))
-    for parent, conv, bn in pairs:
-        setattr(parent, conv, ConvFrozenBN(getattr(parent, conv), getattr(parent, bn)))
-        setattr(parent, bn, nn.Identity())
-
-
-BACKBONE_NORMS = ("group", "frozen_batch")
-
-
-def resnet18_trunk(norm: str = "group", weights: str | None = None) -> nn.Sequential:
-    """Torchvision ResNet-18 up to layer4: `(N, 3, H, W)` -> `(N, 512, ceil(H/32), ceil(W/32))`.
-
-    Args:
-        norm: ``"group"`` (GroupNorm, trained from scratch) or ``"frozen_batch"`` (ACT's frozen BatchNorm).
-        weights: a local torchvision ResNet-18 state dict (e.g. ``resnet18-f37072fd.pth``, ImageNet),
-            only with ``norm="frozen_batch"``; ``None`` starts from random weights.
-    """
-    if norm not in BACKBONE_NORMS:
-        raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {norm!r}")
-    if weights is not None and norm != "frozen_batch":
-        raise ValueError("pretrained ResNet weights carry BatchNorm statistics: set backbone_norm='frozen_batch'")
-    frozen = torchvision.ops.FrozenBatchNorm2d
-    resnet = torchvision.models.resnet18(weights=None, norm_layer=_group_norm if norm == "group" else frozen)
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(
-                f"no ResNet-18 weights at {weights!r}: download torchvision's resnet18-f37072fd.pth (ImageNet) "
-                "to this path, or set BACKBONE_WEIGHTS = None to train the ResNet from scratch"
-            )
-        try:
-            resnet.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        except RuntimeError as err:
-            raise ValueError(f"{weights!r} is not a torchvision ResNet-18 state dict: {err}") from err
-    if norm == "frozen_batch":
-        _fold_frozen_batchnorms(resnet)
-    return nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool + fc
 
 
 def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
@@ -245,7 +171,7 @@ class ACT(nn.Module):
         low_dim_dim: `D` of the proprioceptive observation (0: no proprio token, no `low_dim` key).
         num_cams: cameras in `rgb` (0: no `rgb` key; the encoder then sees only latent + proprio).
         shared_backbone: one ResNet-18 for every camera (ACT) or one per camera.
-        backbone_norm, backbone_weights: see `resnet18_trunk`; ACT: ``"frozen_batch"`` with ImageNet
+        backbone_norm, backbone_weights: see `mimictest.nets.vision.resnet18_trunk`; ACT: ``"frozen_batch"`` with ImageNet
             weights. With weights, images are normalised with ImageNet's mean and std.
         d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout: the
             transformer (ACT: 512, 8, 4, 1 effective, 3200, 0.1).
