@@ -105,6 +105,14 @@ def build_policy(cfg: BenchConfig) -> tuple[torch.nn.Module, Preprocessor]:
     raise ValueError(f"unknown policy {cfg.policy!r}")
 
 
+def with_sampler(policy: torch.nn.Module, sampler: str, steps: int) -> torch.nn.Module:
+    """The same diffusion networks (shared, not copied) behind another sampler and step count."""
+    from mimictest.policies.diffusion import DiffusionPolicy
+
+    return DiffusionPolicy(policy.obs_encoder, policy.noise_net, policy.action_dim, policy.chunk_size,
+                           sampler=sampler, num_inference_steps=steps)
+
+
 class SyntheticWindows(Dataset):
     """Random uint8 images / float vectors with a configuration's item shapes (as a reader yields them)."""
 
@@ -275,10 +283,7 @@ def cmd_infer(args: argparse.Namespace) -> list[dict]:
         samplers = [("ddpm", 100), ("ddim", 10)] if cfg.policy.startswith("diffusion") else [("single pass", 1)]
         for sampler, steps in samplers:
             if cfg.policy.startswith("diffusion"):
-                from mimictest.policies.diffusion import DiffusionPolicy
-
-                policy = DiffusionPolicy(policy.obs_encoder, policy.noise_net, policy.action_dim, policy.chunk_size,
-                                         sampler=sampler, num_inference_steps=steps).to(device).eval()
+                policy = with_sampler(policy, sampler, steps).to(device).eval()
             for batch_size in (1, args.envs):
                 data = SyntheticWindows(cfg, length=batch_size)
                 items = [data[i] for i in range(batch_size)]
@@ -345,11 +350,8 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
     make_env, cfg, sample = _env_factory(args.env)
     device = torch.device(args.device)
     policy, preprocess = build_policy(cfg)
-    if cfg.policy.startswith("diffusion"):  # the CPU scripts' sampler
-        from mimictest.policies.diffusion import DiffusionPolicy
-
-        policy = DiffusionPolicy(policy.obs_encoder, policy.noise_net, policy.action_dim, policy.chunk_size,
-                                 sampler="ddim", num_inference_steps=10)
+    if cfg.policy.startswith("diffusion"):
+        policy = with_sampler(policy, "ddim", 10)  # the CPU scripts' sampler
     policy.to(device).eval()
     preprocess.to(device)
     predictor = Predictor(policy, preprocess, device)
