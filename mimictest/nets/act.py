@@ -307,7 +307,8 @@ class ACT(nn.Module):
         posterior (training); without them it is zero and `mu, logvar` are None (inference).
         """
         low_dim, rgb = self._low_dim(batch), self._rgb(batch)
-        batch_size = (rgb if rgb is not None else low_dim).shape[0]
+        observed = rgb if rgb is not None else low_dim
+        batch_size = observed.shape[0]
         if action is not None:
             if action.shape != (batch_size, self.chunk_size, self.action_dim):
                 raise ValueError(
@@ -320,8 +321,7 @@ class ACT(nn.Module):
             latent = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # (B, latent)
         else:
             mu = logvar = None
-            device = (rgb if rgb is not None else low_dim).device
-            latent = torch.zeros(batch_size, self.latent_dim, device=device)
+            latent = torch.zeros(batch_size, self.latent_dim, device=observed.device)
 
         tokens = [self.latent_proj(latent)[:, None]]  # (B, 1, d)
         if low_dim is not None:

@@ -56,8 +56,9 @@ class ACTPolicy(nn.Module):
 
     def param_groups(self, lr_backbone: float) -> list[dict]:
         """AdamW groups: the ResNet at `lr_backbone`, everything else at the optimiser's `lr` (ACT)."""
-        backbone = {id(p) for p in self.net.backbone_parameters()}
-        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in backbone]}]
+        backbone = self.net.backbone_parameters()
+        in_backbone = {id(p) for p in backbone}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in in_backbone]}]
         if backbone:
-            groups.append({"params": self.net.backbone_parameters(), "lr": lr_backbone})
+            groups.append({"params": backbone, "lr": lr_backbone})
         return groups
