@@ -147,6 +147,14 @@ def _write_episode(path: Path, cams: list[str], size: tuple[int, int] = (8, 8), 
             f[f"observations/images/{cam}"] = np.zeros((steps, *size, 3), np.uint8)
 
 
+def _episode_folder(folder: Path, cams_by_episode: dict[int, list[str]]) -> Path:
+    """A folder with ``episode_<i>.hdf5`` for each ``i`` given, recording those cameras."""
+    folder.mkdir()
+    for i, cams in cams_by_episode.items():
+        _write_episode(folder / f"episode_{i}.hdf5", cams)
+    return folder
+
+
 def test_reader_bad_input(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         AlohaDataset(str(tmp_path / "missing"), ["top"], 1, 4)
@@ -155,27 +163,18 @@ def test_reader_bad_input(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no episode_<i>\.hdf5 files"):
         AlohaDataset(str(empty), ["top"], 1, 4)
 
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    _write_episode(mixed / "episode_0.hdf5", ["top"])
-    _write_episode(mixed / "episode_1.hdf5", ["angle"])
+    mixed = _episode_folder(tmp_path / "mixed", {0: ["top"], 1: ["angle"]})
     with pytest.raises(ValueError, match=r"different cameras.*\['top'\].*\['angle'\]"):
         AlohaDataset(str(mixed), ["top"], 1, 4)
 
-    good = tmp_path / "good"
-    good.mkdir()
-    for i in range(2):
-        _write_episode(good / f"episode_{i}.hdf5", ["top"])
+    good = _episode_folder(tmp_path / "good", {0: ["top"], 1: ["top"]})
     with pytest.raises(KeyError, match=r"no camera\(s\) \['angle'\].*it has \['top'\]"):
         AlohaDataset(str(good), ["angle"], 1, 4)
     with pytest.raises(ValueError, match=r"8x8 images but 48x64 are expected"):
         AlohaDataset(str(good), ["top"], 1, 4, image_size=(48, 64))
     assert AlohaDataset(str(good), [], 1, 4).image_size is None
 
-    gap = tmp_path / "gap"
-    gap.mkdir()
-    _write_episode(gap / "episode_0.hdf5", ["top"])
-    _write_episode(gap / "episode_2.hdf5", ["top"])
+    gap = _episode_folder(tmp_path / "gap", {0: ["top"], 2: ["top"]})
     with pytest.raises(ValueError, match=r"numbered 0..N-1.*\[1\]"):
         AlohaDataset(str(gap), ["top"], 1, 4)
 
