@@ -279,6 +279,8 @@ def cmd_infer(args: argparse.Namespace) -> list[dict]:
         cfg = CONFIGS[name]
         policy, preprocess = build_policy(cfg)
         policy.to(device).eval()
+        if args.channels_last:
+            policy.to(memory_format=torch.channels_last)
         preprocess.to(device)
         samplers = [("ddpm", 100), ("ddim", 10)] if cfg.policy.startswith("diffusion") else [("single pass", 1)]
         for sampler, steps in samplers:
@@ -291,14 +293,14 @@ def cmd_infer(args: argparse.Namespace) -> list[dict]:
                 for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
                     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
                     times = []
-                    for i in range(args.warmup + args.repeats):
-                        _sync(device)
-                        start = time.perf_counter()
-                        with torch.no_grad(), autocast:
+                    with torch.no_grad(), autocast:  # one context for all chunks, as in evaluation: weights cast once
+                        for i in range(args.warmup + args.repeats):
+                            _sync(device)
+                            start = time.perf_counter()
                             preprocess.unnormalize_action(policy.predict(preprocess(raw, train=False)).float())
-                        _sync(device)
-                        if i >= args.warmup:
-                            times.append(time.perf_counter() - start)
+                            _sync(device)
+                            if i >= args.warmup:
+                                times.append(time.perf_counter() - start)
                     rows.append({"config": name, "sampler": sampler, "steps": steps, "batch": batch_size,
                                  "precision": precision, "ms_per_chunk": 1e3 * statistics.median(times)})
                     print(_table(rows[-1:], INFER_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, INFER_COLUMNS), flush=True)
@@ -353,8 +355,10 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
     if cfg.policy.startswith("diffusion"):
         policy = with_sampler(policy, "ddim", 10)  # the CPU scripts' sampler
     policy.to(device).eval()
+    if args.channels_last:
+        policy.to(memory_format=torch.channels_last)
     preprocess.to(device)
-    predictor = Predictor(policy, preprocess, device)
+    predictor = Predictor(policy, preprocess, device, bf16=args.precision == "bf16")
     # Executed actions per chunk: Diffusion Policy's 8, or ACT's whole chunk (plain chunking, no ensembling).
     default_exec = 8 if cfg.policy.startswith("diffusion") else cfg.chunk
     exec_steps = max(1, min(args.exec or default_exec, cfg.chunk - cfg.obs_horizon + 1))
@@ -368,22 +372,24 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
             history = {k: np.repeat(v[:, None], cfg.obs_horizon, axis=1) for k, v in obs.items()}
             queue: list[np.ndarray] = []
             start, steps = time.perf_counter(), 0
-            while steps < args.steps or time.perf_counter() - start < args.min_seconds:
-                if mode == "simulator alone":
-                    actions = sample(rng, workers)
-                else:
-                    if not queue:
-                        chunk = predictor.chunk(history)[:, cfg.obs_horizon - 1:][:, :exec_steps]  # (n, exec, model_dim)
-                        queue = list(chunk.transpose(1, 0, 2))
-                    actions = predictor.to_env(queue.pop(0))
-                obs, _, _, _ = venv.step(actions)
-                for k, h in history.items():
-                    h[:, :-1] = h[:, 1:]
-                    h[:, -1] = obs[k]
-                steps += 1
+            with predictor.autocast():  # one context for the whole loop, as in evaluation
+                while steps < args.steps or time.perf_counter() - start < args.min_seconds:
+                    if mode == "simulator alone":
+                        actions = sample(rng, workers)
+                    else:
+                        if not queue:
+                            chunk = predictor.chunk(history)[:, cfg.obs_horizon - 1:][:, :exec_steps]  # (n, exec, model_dim)
+                            queue = list(chunk.transpose(1, 0, 2))
+                        actions = predictor.to_env(queue.pop(0))
+                    obs, _, _, _ = venv.step(actions)
+                    for k, h in history.items():
+                        h[:, :-1] = h[:, 1:]
+                        h[:, -1] = obs[k]
+                    steps += 1
             elapsed = time.perf_counter() - start
-            rows.append({"env": args.env, "workers": workers, "mode": mode, "exec": exec_steps if mode != "simulator alone" else None,
-                         "env_steps_per_s": steps * workers / elapsed})
+            policy_row = mode != "simulator alone"
+            rows.append({"env": args.env, "workers": workers, "mode": mode, "exec": exec_steps if policy_row else None,
+                         "precision": args.precision if policy_row else None, "env_steps_per_s": steps * workers / elapsed})
             print(_table(rows[-1:], ENV_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, ENV_COLUMNS), flush=True)
         venv.close()
         alone, loop = rows[-2]["env_steps_per_s"], rows[-1]["env_steps_per_s"]
@@ -392,7 +398,7 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-ENV_COLUMNS = [("env", "env", "s"), ("workers", "workers", "d"), ("mode", "mode", "s"), ("exec", "actions/chunk", "d"),
+ENV_COLUMNS = [("env", "env", "s"), ("workers", "workers", "d"), ("mode", "mode", "s"), ("exec", "actions/chunk", "d"), ("precision", "precision", "s"),
                ("env_steps_per_s", "env steps/s", ".1f"), ("vs_alone", "vs alone", ".0%")]
 
 
@@ -417,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     infer.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
     infer.add_argument("--repeats", type=int, default=5)
     infer.add_argument("--warmup", type=int, default=1)
+    infer.add_argument("--channels-last", action="store_true")
     envs = sub.add_parser("envs", help="environment steps per second vs parallel workers")
     envs.add_argument("--env", default="lift-lowdim")
     envs.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -424,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     envs.add_argument("--min-seconds", type=float, default=5.0)
     envs.add_argument("--exec", type=int, help="actions executed per predicted chunk (default: 8 for Diffusion Policy, "
                       "the whole chunk for ACT)")
+    envs.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the policy's autocast")
+    envs.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
     rows = {"train": cmd_train, "infer": cmd_infer, "envs": cmd_envs}[args.cmd](args)
     if args.json:

@@ -229,8 +229,7 @@ def _evaluate(accelerator: Accelerator, evaluator: Evaluator, policy: torch.nn.M
     policy.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     share = evaluator.num_episodes // world + (rank < evaluator.num_episodes % world)
-    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if accelerator.mixed_precision == "bf16" else None
-    predictor = Predictor(policy, preprocess, accelerator.device, autocast)
+    predictor = Predictor(policy, preprocess, accelerator.device, bf16=accelerator.mixed_precision == "bf16")
     start = time.perf_counter()
     # Ensembled evaluations get their own names, so re-evaluating a checkpoint both ways keeps both results.
     tag = f"_{evaluator.execution}" if evaluator.temporal_ensemble is not None else ""

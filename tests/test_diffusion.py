@@ -171,6 +171,24 @@ def test_bf16_autocast() -> None:
         assert torch.isfinite(out).all() and out.abs().max() <= 1.0
 
 
+def test_cpu_sampling_encodes_in_bf16_and_denoises_in_fp32() -> None:
+    """Under a bf16 autocast on the CPU, the ResNet runs in bf16 and every UNet pass in fp32."""
+    torch.manual_seed(0)
+    enc = ObsEncoder(num_cams=1, low_dim_dim=LOW_DIM)
+    net = tiny_unet(cond_dim=T_OBS * enc.out_dim)
+    policy = DiffusionPolicy(enc, net, ACT, CHUNK, sampler="ddim", num_inference_steps=3).eval()
+    seen: dict[str, list] = {"encoder": [], "unet": []}
+    enc.cams[0].register_forward_hook(lambda m, i, o: seen["encoder"].append(o.dtype))
+    net.register_forward_hook(lambda m, i, o: seen["unet"].append((torch.is_autocast_enabled("cpu"), o.dtype, i[2].dtype)))
+    obs = {"rgb": torch.rand(2, T_OBS, 1, 3, 76, 76) * 2 - 1, "low_dim": torch.randn(2, T_OBS, LOW_DIM)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = policy.predict(obs)
+        assert torch.is_autocast_enabled("cpu")  # restored for the caller
+    assert seen["encoder"] == [torch.bfloat16]
+    assert seen["unet"] == [(False, torch.float32, torch.float32)] * 3
+    assert out.dtype == torch.float32 and out.shape == (2, CHUNK, ACT)
+
+
 def test_ema_schedule_matches_hand_computation() -> None:
     model = nn.Linear(3, 2)
     model.register_buffer("counter", torch.zeros(1))

@@ -9,6 +9,7 @@ with 10 steps for fast (real-robot) inference, observations used as a global FiL
 (features of all observation steps flattened), AdamW lr 1e-4, EMA with power 0.75.
 """
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -106,12 +107,21 @@ class DiffusionPolicy(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor]) -> Tensor:
-        """Sample an action chunk `(B, chunk, A)` in [-1, 1] from the observations in `batch`."""
-        cond = self._global_cond(batch)  # (B, T_obs * F), computed once per chunk
+        """Sample an action chunk `(B, chunk, A)` in [-1, 1] from the observations in `batch`.
+
+        Under a caller's bf16 autocast, the observation encoder runs in bf16; on the CPU the
+        denoising passes run in fp32 all the same. There, at sampling batch sizes (B * chunk rows),
+        oneDNN's bf16 matmuls are slower than fp32 ones (`python -m mimictest.bench infer
+        --precision both`: the small UNet's pass at batch 1 takes 7.4 ms under autocast and
+        3.6 ms in fp32), while the ResNet's convolutions are 2.5x faster in bf16.
+        """
+        cond = self._global_cond(batch).float()  # (B, T_obs * F), computed once per chunk
         sample = torch.randn(cond.shape[0], self.chunk_size, self.action_dim, device=cond.device)
         scheduler = self.sample_scheduler
-        for t in scheduler.timesteps.tolist():
-            timesteps = torch.full((cond.shape[0],), t, device=cond.device, dtype=torch.long)
-            model_out = self.noise_net(sample, timesteps, cond).float()  # (B, chunk, A)
-            sample = scheduler.step(model_out, t, sample).prev_sample  # fp32
+        on_cpu = cond.device.type == "cpu"
+        with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+            for t in scheduler.timesteps.tolist():
+                timesteps = torch.full((cond.shape[0],), t, device=cond.device, dtype=torch.long)
+                model_out = self.noise_net(sample, timesteps, cond).float()  # (B, chunk, A)
+                sample = scheduler.step(model_out, t, sample).prev_sample  # fp32
         return sample.clamp(-1.0, 1.0)
