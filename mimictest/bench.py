@@ -75,10 +75,12 @@ CONFIGS: dict[str, BenchConfig] = {
 }
 
 
-def build_policy(cfg: BenchConfig) -> tuple[torch.nn.Module, Preprocessor]:
-    """The policy and preprocessor of a configuration, with unit statistics."""
+def build_policy(cfg: BenchConfig, action_range: tuple[list[float], list[float]] | None = None
+                 ) -> tuple[torch.nn.Module, Preprocessor]:
+    """The policy and preprocessor of a configuration: unit statistics, or env actions over ``action_range``."""
     action_space = ActionSpace(cfg.rotation, "absolute", env_dim=cfg.env_action)
-    stats = {"action": {"min": [-1.0] * cfg.env_action, "max": [1.0] * cfg.env_action}}
+    low, high = action_range or ([-1.0] * cfg.env_action, [1.0] * cfg.env_action)
+    stats = {"action": {"min": list(low), "max": list(high)}}
     if cfg.low_dim:
         stats["low_dim"] = {"min": [-1.0] * cfg.low_dim, "max": [1.0] * cfg.low_dim}
     preprocess = Preprocessor(stats, action_space, image_size=cfg.image, crop_size=cfg.crop)
@@ -312,8 +314,13 @@ INFER_COLUMNS = [("config", "config", "s"), ("sampler", "sampler", "s"), ("steps
                  ("precision", "precision", "s"), ("ms_per_chunk", "ms/chunk", ".1f")]
 
 
-def _env_factory(name: str) -> tuple[Callable, BenchConfig, Callable[[np.random.Generator, int], np.ndarray]]:
-    """``make_env(render_video=...)``, the matching policy configuration, and an action sampler."""
+def _env_factory(name: str) -> tuple[Callable, BenchConfig, tuple[list[float], list[float]]]:
+    """``make_env(render_video=...)``, the matching policy configuration, and a box of sensible env actions.
+
+    Random actions are drawn uniformly from the box, and the policy's [-1, 1] outputs are mapped
+    onto the same box, so both modes drive the simulator through similar motions (an untrained
+    policy with unit statistics would push robots to their joint limits instead).
+    """
     if name.startswith("lift"):
         from mimictest.demos.lift import lift_env_args, LOW_DIM_KEYS, RGB_KEYS
         from mimictest.envs.robosuite import RobosuiteEnv
@@ -322,26 +329,20 @@ def _env_factory(name: str) -> tuple[Callable, BenchConfig, Callable[[np.random.
         keys = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"] if image else LOW_DIM_KEYS
         make = partial(RobosuiteEnv, lift_env_args(image), rgb_keys=RGB_KEYS if image else [], low_dim_keys=keys,
                        max_episode_steps=10**9)
-
-        def sample(rng: np.random.Generator, n: int) -> np.ndarray:
-            """Absolute targets in a box over the table, gripper pointing down."""
-            pos = rng.uniform([-0.15, -0.15, 0.85], [0.15, 0.15, 1.05], (n, 3))
-            rot = np.tile([np.pi, 0.0, 0.0], (n, 1)) + rng.normal(0, 0.1, (n, 3))
-            return np.concatenate([pos, rot, rng.choice([-1.0, 1.0], (n, 1))], axis=1)
-
-        return make, CONFIGS["dp-lift-image" if image else "dp-lift-lowdim"], sample
+        # Absolute targets over the table, the gripper pointing down (axis-angle near (pi, 0, 0)).
+        box = ([-0.15, -0.15, 0.85, np.pi - 0.1, -0.1, -0.1, -1.0], [0.15, 0.15, 1.05, np.pi + 0.1, 0.1, 0.1, 1.0])
+        return make, CONFIGS["dp-lift-image" if image else "dp-lift-lowdim"], box
     if name == "pusht":
         from mimictest.envs.pusht import PushTEnv
 
-        return (partial(PushTEnv, obs_mode="image", max_episode_steps=10**9), CONFIGS["dp-pusht-image-small"],
-                lambda rng, n: rng.uniform(0, 512, (n, 2)))
+        return partial(PushTEnv, obs_mode="image", max_episode_steps=10**9), CONFIGS["dp-pusht-image-small"], ([0.0] * 2, [512.0] * 2)
     if name.startswith("aloha"):
         from mimictest.envs.aloha import AlohaEnv
 
         small = name == "aloha-small"
         size = (120, 160) if small else (480, 640)
         return (partial(AlohaEnv, task="transfer_cube", cams=("top",), image_size=size, max_episode_steps=10**9),
-                CONFIGS["act-aloha-small" if small else "act-aloha"], lambda rng, n: rng.uniform(-0.5, 0.5, (n, 14)))
+                CONFIGS["act-aloha-small" if small else "act-aloha"], ([-0.5] * 14, [0.5] * 14))
     raise SystemExit(f"unknown env {name!r}; choose from lift-lowdim, lift-image, pusht, aloha, aloha-small")
 
 
@@ -349,9 +350,9 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
     from mimictest.envs.vector import make_vec_env
     from mimictest.evaluate import Predictor
 
-    make_env, cfg, sample = _env_factory(args.env)
+    make_env, cfg, (low, high) = _env_factory(args.env)
     device = torch.device(args.device)
-    policy, preprocess = build_policy(cfg)
+    policy, preprocess = build_policy(cfg, action_range=(low, high))
     if cfg.policy.startswith("diffusion"):
         policy = with_sampler(policy, "ddim", 10)  # the CPU scripts' sampler
     policy.to(device).eval()
@@ -371,16 +372,18 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
             obs = venv.reset()
             history = {k: np.repeat(v[:, None], cfg.obs_horizon, axis=1) for k, v in obs.items()}
             queue: list[np.ndarray] = []
-            start, steps = time.perf_counter(), 0
+            start, steps, policy_s = time.perf_counter(), 0, 0.0
             with predictor.autocast():  # one context for the whole loop, as in evaluation
                 while steps < args.steps or time.perf_counter() - start < args.min_seconds:
                     if mode == "simulator alone":
-                        actions = sample(rng, workers)
+                        actions = rng.uniform(low, high, (workers, len(low)))
                     else:
                         if not queue:
+                            chunk_start = time.perf_counter()
                             chunk = predictor.chunk(history)[:, cfg.obs_horizon - 1:][:, :exec_steps]  # (n, exec, model_dim)
-                            queue = list(chunk.transpose(1, 0, 2))
-                        actions = predictor.to_env(queue.pop(0))
+                            policy_s += time.perf_counter() - chunk_start
+                            queue = list(predictor.to_env(chunk).transpose(1, 0, 2))  # exec x (n, env_dim)
+                        actions = queue.pop(0)
                     obs, _, _, _ = venv.step(actions)
                     for k, h in history.items():
                         h[:, :-1] = h[:, 1:]
@@ -388,18 +391,24 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
                     steps += 1
             elapsed = time.perf_counter() - start
             policy_row = mode != "simulator alone"
-            rows.append({"env": args.env, "workers": workers, "mode": mode, "exec": exec_steps if policy_row else None,
-                         "precision": args.precision if policy_row else None, "env_steps_per_s": steps * workers / elapsed})
+            row = {"env": args.env, "workers": workers, "mode": mode, "env_steps_per_s": steps * workers / elapsed}
+            if policy_row:
+                alone = rows[-1]["env_steps_per_s"]
+                # The policy's own compute vs. everything else: stepping at the simulator-alone rate
+                # outside the policy's time means no overhead from the loop or the transfers.
+                row.update(exec=exec_steps, precision=args.precision, vs_alone=row["env_steps_per_s"] / alone,
+                           policy_frac=policy_s / elapsed,
+                           vs_alone_outside_policy=steps * workers / (elapsed - policy_s) / alone)
+            rows.append(row)
             print(_table(rows[-1:], ENV_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, ENV_COLUMNS), flush=True)
         venv.close()
-        alone, loop = rows[-2]["env_steps_per_s"], rows[-1]["env_steps_per_s"]
-        rows[-1]["vs_alone"] = loop / alone
     print("\n" + _table(rows, ENV_COLUMNS))
     return rows
 
 
 ENV_COLUMNS = [("env", "env", "s"), ("workers", "workers", "d"), ("mode", "mode", "s"), ("exec", "actions/chunk", "d"), ("precision", "precision", "s"),
-               ("env_steps_per_s", "env steps/s", ".1f"), ("vs_alone", "vs alone", ".0%")]
+               ("env_steps_per_s", "env steps/s", ".1f"), ("vs_alone", "vs alone", ".0%"),
+               ("policy_frac", "policy compute", ".0%"), ("vs_alone_outside_policy", "vs alone, outside policy compute", ".0%")]
 
 
 def main(argv: list[str] | None = None) -> None:

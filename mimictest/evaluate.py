@@ -3,11 +3,12 @@
 Each of ``num_envs`` workers keeps an observation history of ``obs_horizon`` steps. Whenever a
 worker has no queued actions, the policy predicts a chunk for every such worker in one batch
 (observation features are computed once per chunk) and steps ``[exec_start, exec_end)`` of the
-chunk are queued; Diffusion Policy executes steps ``obs_horizon - 1 .. obs_horizon - 1 + 8``.
-With ``temporal_ensemble`` set, the policy predicts at every step instead and each executed
-action is ACT's exponentially weighted average of every queued prediction for that step. Chunks
-are queued in the model's action space (6D rotations average well; axis-angles near pi do not)
-and mapped to env actions one step at a time. A worker's queue is dropped when its episode ends.
+chunk are mapped to env actions and queued; Diffusion Policy executes steps
+``obs_horizon - 1 .. obs_horizon - 1 + 8``. With ``temporal_ensemble`` set, the policy predicts at
+every step instead and each executed action is ACT's exponentially weighted average of every
+queued prediction for that step; those chunks are queued in the model's action space (6D
+rotations average well; axis-angles near pi do not) and mapped to env actions one step at a time.
+A worker's queue is dropped when its episode ends.
 
 An episode's score is the best ``info["score"]`` it reached (PushT's coverage, say), or its best
 reward when the env gives none. Every worker runs a fixed quota of episodes, so that quick
@@ -61,7 +62,7 @@ class Predictor:
 
     @torch.no_grad()
     def to_env(self, actions: np.ndarray) -> np.ndarray:
-        """``(n, model_dim)`` normalised -> ``(n, env_dim)`` env actions."""
+        """``(..., model_dim)`` normalised -> ``(..., env_dim)`` env actions."""
         return self.preprocess.unnormalize_action(torch.from_numpy(actions).to(self.device)).cpu().numpy()
 
 
@@ -159,7 +160,7 @@ class Evaluator:
         history = {k: np.repeat(v[:, None], self.obs_horizon, axis=1) for k, v in obs.items()}
         queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         ensemblers = [TemporalEnsembler(self.temporal_ensemble) for _ in range(num_envs)] if self.temporal_ensemble else None
-        last: list[np.ndarray] = [np.empty(0)] * num_envs  # the action each worker executes this step
+        last: list[np.ndarray] = [np.empty(0)] * num_envs  # each worker's action this step (model space if ensembling)
         steps, score_max = np.zeros(num_envs, int), np.full(num_envs, -np.inf)
         frames: list[np.ndarray] = []
         records: list[dict] = []
@@ -171,16 +172,19 @@ class Evaluator:
                 if need:
                     window = {k: h[need] for k, h in history.items()}  # (n, T_obs, ...)
                     chunk = predictor.chunk(window)[:, self.exec_start : self.exec_end]  # (n, H, model_dim)
-                    for j, i in enumerate(need):
-                        if ensemblers:
+                    if ensemblers:
+                        for j, i in enumerate(need):
                             ensemblers[i].add(chunk[j])
-                        else:
-                            queues[i] = list(chunk[j])
+                    else:
+                        env_chunk = predictor.to_env(chunk)  # (n, H, env_dim), mapped once per chunk
+                        for j, i in enumerate(need):
+                            queues[i] = list(env_chunk[j])
                 for i in range(num_envs):
                     if quota[i] > 0:
                         last[i] = ensemblers[i].pop() if ensemblers else queues[i].pop(0)
-                model_actions = np.stack(last)  # (num_envs, model_dim)
-                obs, rewards, dones, infos = venv.step(predictor.to_env(model_actions))
+                # Ensembled actions are averaged in model space and mapped here, one step at a time.
+                actions = predictor.to_env(np.stack(last)) if ensemblers else np.stack(last)  # (num_envs, env_dim)
+                obs, rewards, dones, infos = venv.step(actions)
                 steps += 1
                 score_max = np.maximum(score_max, [info.get("score", r) for info, r in zip(infos, rewards)])
                 if "frame" in infos[0] and quota[0] > 0 and _videos_done(records) < self.num_videos:
