@@ -6,8 +6,8 @@ executed steps, DDPM with 100 steps, AdamW lr 1e-4, 300-step evaluation episodes
 with down_dims (256, 512, 1024) trained with batch 256. Without images a training step is cheap,
 so this is the PushT configuration that learns within an hour on a 2-core CPU; the defaults keep
 the paper's setup except the UNet width and the training length. Measured on one core of this
-CPU (docs/benchmarks.md): 25 minutes (2800 steps) gave 16% success and a mean max coverage of 0.68
-over 50 episodes.
+CPU (docs/benchmarks.md), over 50 evaluation episodes: these defaults (45 minutes, 5300 steps)
+gave 60% success and a mean max coverage of 0.84; 25 minutes (2800 steps) gave 16% and 0.68.
 
 With DATASET_PATH empty, the scripted PushT expert writes NUM_DEMOS episodes (seeds 0 ..
 NUM_DEMOS - 1) to EXPERT_PATH; evaluation seeds start at 100000. For the human demonstrations,
