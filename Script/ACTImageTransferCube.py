@@ -8,10 +8,12 @@ with lr 1e-5 (backbone 1e-5) and weight decay 1e-4, about 2000 epochs of 40 epis
 steps of 8 samples), evaluated with temporal ensembling (coefficient 0.01) over 50 episodes.
 
 The defaults below train on a 2-core CPU, with ACT's value beside every one that differs: images
-rendered at 120x160 (a 4x5 token map), a narrower transformer, and fewer evaluation episodes.
-The ResNet is trained from scratch (no pretrained weights are downloaded), with GroupNorm, so
-the learning rate is higher than ACT's. A training step takes about 0.8 s on one CPU core (fp32),
-so the 10k steps take about 2 hours; ACT's full configuration takes about 10 s a step there.
+rendered at 120x160 (a 4x5 token map), a narrower transformer, and training stopped after
+MAX_MINUTES. The ResNet is trained from scratch (no pretrained weights are downloaded), with
+GroupNorm, so the learning rate is higher than ACT's. A training step takes about 0.4 s on one
+CPU core in bf16 + channels-last; ACT's full configuration takes about 1.4 s a step on both
+cores. Measured on one core (docs/benchmarks.md): an hour of training (7900 steps) gave 98%
+success over 50 episodes, with temporal ensembling and with plain chunks alike.
 With no episodes at DATASET_PATH, ACT's scripted expert records them at IMAGE_SIZE. On a GPU,
 restore ACT's values and run:
     accelerate launch Script/ACTImageTransferCube.py
