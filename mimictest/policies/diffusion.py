@@ -111,9 +111,9 @@ class DiffusionPolicy(nn.Module):
 
         Under a caller's bf16 autocast, the observation encoder runs in bf16; on the CPU the
         denoising passes run in fp32 all the same. There, at sampling batch sizes (B * chunk rows),
-        oneDNN's bf16 matmuls are slower than fp32 ones (`python -m mimictest.bench infer
-        --precision both`: the small UNet's pass at batch 1 takes 7.4 ms under autocast and
-        3.6 ms in fp32), while the ResNet's convolutions are 2.5x faster in bf16.
+        oneDNN's bf16 matmuls are slower than fp32 ones: one pass of the small PushT UNet at batch 1
+        takes 7.4 ms under autocast and 3.6 ms in fp32, while the ResNet's convolutions are 2.5x
+        faster in bf16 (`python -m mimictest.bench infer --precision both` shows whole chunks).
         """
         cond = self._global_cond(batch).float()  # (B, T_obs * F), computed once per chunk
         sample = torch.randn(cond.shape[0], self.chunk_size, self.action_dim, device=cond.device)
