@@ -348,7 +348,7 @@ def _env_factory(name: str) -> tuple[Callable, BenchConfig, tuple[list[float], l
 
 def cmd_envs(args: argparse.Namespace) -> list[dict]:
     from mimictest.envs.vector import make_vec_env
-    from mimictest.evaluate import Predictor
+    from mimictest.evaluate import Predictor, new_history, push_history
 
     make_env, cfg, (low, high) = _env_factory(args.env)
     device = torch.device(args.device)
@@ -370,7 +370,7 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
         for mode in ("simulator alone", "policy in the loop"):
             venv.seed(0)
             obs = venv.reset()
-            history = {k: np.repeat(v[:, None], cfg.obs_horizon, axis=1) for k, v in obs.items()}
+            history = new_history(obs, cfg.obs_horizon)
             queue: list[np.ndarray] = []
             start, steps, policy_s = time.perf_counter(), 0, 0.0
             with predictor.autocast():  # one context for the whole loop, as in evaluation
@@ -385,9 +385,7 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
                             queue = list(predictor.to_env(chunk).transpose(1, 0, 2))  # exec x (n, env_dim)
                         actions = queue.pop(0)
                     obs, _, _, _ = venv.step(actions)
-                    for k, h in history.items():
-                        h[:, :-1] = h[:, 1:]
-                        h[:, -1] = obs[k]
+                    push_history(history, obs)
                     steps += 1
             elapsed = time.perf_counter() - start
             policy_row = mode != "simulator alone"

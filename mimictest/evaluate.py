@@ -157,7 +157,7 @@ class Evaluator:
         venv.seed(self.seed + 1000 * rank)
         obs = venv.reset()
         # (num_envs, T_obs, ...): the newest observation last; a reset fills the whole window.
-        history = {k: np.repeat(v[:, None], self.obs_horizon, axis=1) for k, v in obs.items()}
+        history = new_history(obs, self.obs_horizon)
         queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         ensemblers = [TemporalEnsembler(self.temporal_ensemble) for _ in range(num_envs)] if self.temporal_ensemble else None
         last: list[np.ndarray] = [np.empty(0)] * num_envs  # each worker's action this step (model space if ensembling)
@@ -189,9 +189,7 @@ class Evaluator:
                 score_max = np.maximum(score_max, [info.get("score", r) for info, r in zip(infos, rewards)])
                 if "frame" in infos[0] and quota[0] > 0 and _videos_done(records) < self.num_videos:
                     frames.append(infos[0]["frame"])
-                for k, h in history.items():
-                    h[:, :-1] = h[:, 1:]
-                    h[:, -1] = obs[k]
+                push_history(history, obs)
                 for i in np.flatnonzero(dones):
                     if quota[i] > 0:
                         records.append({"rank": rank, "env": int(i), "success": bool(infos[i].get("is_success", False)),
@@ -208,6 +206,18 @@ class Evaluator:
                         h[i] = obs[k][i]
         bar.close()
         return records
+
+
+def new_history(obs: dict[str, np.ndarray], horizon: int) -> dict[str, np.ndarray]:
+    """First observations ``(n, ...)`` -> windows ``(n, horizon, ...)`` that repeat them (the newest is last)."""
+    return {k: np.repeat(v[:, None], horizon, axis=1) for k, v in obs.items()}
+
+
+def push_history(history: dict[str, np.ndarray], obs: dict[str, np.ndarray]) -> None:
+    """Shift every window one step in place and append ``obs`` ``(n, ...)`` as the newest."""
+    for k, h in history.items():
+        h[:, :-1] = h[:, 1:]
+        h[:, -1] = obs[k]
 
 
 class _EnvFn:
