@@ -3,12 +3,18 @@
 from setuptools import find_packages, setup
 
 SIM = [
-    "robosuite==1.5.2",  # MuJoCo 3; forces numpy<2
-    "mujoco>=3.3,<3.9",  # gym-aloha needs mujoco<3.9
+    # One MuJoCo for every simulator: metaworld 3.1.1 pins mujoco==3.3.0 exactly, and every other
+    # package below accepts that release, so the whole list resolves together.
+    "mujoco==3.3.0",  # metaworld 3.1.1 requires mujoco==3.3.0; robosuite 1.5.2 needs >=3.3.0
+    "metaworld==3.1.1",  # Meta-World (Farama), MT10 / MT50 and its scripted expert policies
+    "robosuite==1.5.2",  # MuJoCo 3; its mink==0.0.5 forces numpy<2
+    # dm_control 1.0.30+ require mujoco>=3.3.2; 1.0.28 (mujoco>=3.2.7) is the newest release that
+    # accepts 3.3.0 (there is no 1.0.29 on PyPI).
+    "dm_control==1.0.28",
     "stable-baselines3>=2.3",
-    "gymnasium>=1.0",
+    "gymnasium>=1.1",  # metaworld 3.1.1 requires gymnasium>=1.1
     "gym-pusht>=0.1.5",
-    "gym-aloha>=0.1.1",
+    "gym-aloha>=0.1.2",  # 0.1.1 wants mujoco<3; 0.1.2+ take mujoco 3 (0.1.4+ cap it below 3.9) and dm_control 1.0.28
 ]
 FLORENCE = ["transformers>=5.0"]
 DEV = ["pytest>=8", "pytest-timeout", "pyflakes>=3"]

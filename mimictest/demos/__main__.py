@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mimictest.demos.metaworld import add_command as add_metaworld_command
+
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the sub-command and generate demos for that task."""
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         aloha.add_argument("--cams", nargs="*", default=["top"], help="cameras to record (none: low-dim only)")
         aloha.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"), help="image size")
         aloha.add_argument("--overwrite", action="store_true", help="replace the episodes already in the folder")
+    add_metaworld_command(tasks)
     args = parser.parse_args(argv)
 
     if args.task == "lift":
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
 
         generate_pusht_demos(args.out, args.episodes, seed=args.seed, keep_failures=args.keep_failures,
                              overwrite=args.overwrite)
+    elif args.task == "metaworld":
+        args.run(args)
 
 
 if __name__ == "__main__":
