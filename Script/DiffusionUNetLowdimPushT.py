@@ -22,7 +22,7 @@ from mimictest.data.pusht import HOW_TO_GET, PushTDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.pusht import generate_pusht_demos
 from mimictest.envs.pusht import PushTEnv
-from mimictest.evaluate import Evaluator
+from mimictest.evaluate import EvalTask, Evaluator
 from mimictest.nets.obs_encoder import ObsEncoder
 from mimictest.nets.unet1d import ConditionalUnet1D
 from mimictest.policies.diffusion import DiffusionPolicy
@@ -35,7 +35,8 @@ EXPERT_PATH = "Datasets/pusht_expert.zarr"
 NUM_DEMOS = 100  # scripted-expert episodes attempted when EXPERT_PATH does not exist
 OBS_HORIZON = 2
 CHUNK_SIZE = 16
-EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + 8
+N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
+EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
 # Network and diffusion
 DOWN_DIMS = (64, 128, 256)  # the paper: (256, 512, 1024), 14x the parameters
 SAMPLER, NUM_INFERENCE_STEPS = "ddpm", 100  # the paper's simulation setting
@@ -62,14 +63,15 @@ dataset = PushTDataset(DATASET_PATH or EXPERT_PATH, obs_mode="keypoint", obs_hor
 action_space = ActionSpace(None, "absolute", env_dim=2)
 preprocess = Preprocessor(dataset.stats, action_space)
 
-obs_encoder = ObsEncoder(num_cams=0, low_dim_dim=dataset.low_dim_dim)
+obs_encoder = ObsEncoder([], low_dim_dim=dataset.low_dim_dim)
 noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
                               down_dims=DOWN_DIMS)
 policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
                          sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
 
 make_env = partial(PushTEnv, obs_mode="keypoint", max_episode_steps=MAX_EPISODE_STEPS)
-evaluator = Evaluator(make_env, NUM_ENVS, NUM_EVAL_EPISODES, OBS_HORIZON, EXEC_START, EXEC_END)
+evaluator = Evaluator(tasks=[EvalTask("pusht", make_env, NUM_EVAL_EPISODES)], num_envs=NUM_ENVS, obs_horizon=OBS_HORIZON,
+                      exec_start=EXEC_START, exec_end=EXEC_END)
 
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,

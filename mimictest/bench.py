@@ -29,10 +29,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torchvision  # noqa: F401  (before dm_control's EGL context: importing it afterwards segfaults)
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mimictest.cpu import configure_cpu
-from mimictest.data.prefetcher import Prefetcher, endless
+from mimictest.data.prefetcher import Prefetcher, endless, map_tensors
 from mimictest.preprocess import ActionSpace, Preprocessor
 
 
@@ -41,7 +41,7 @@ class BenchConfig:
     """Shapes and network of one policy x benchmark configuration."""
 
     policy: str  # "diffusion-unet" | "diffusion-transformer" | "act"
-    cams: int
+    cams: tuple[str, ...]
     image: tuple[int, int] | None
     crop: tuple[int, int] | None
     low_dim: int
@@ -55,22 +55,22 @@ class BenchConfig:
 
 CONFIGS: dict[str, BenchConfig] = {
     # Diffusion Policy's PushT image configuration (Chi et al. 2023), the LeRobot comparison point.
-    "dp-pusht-image": BenchConfig("diffusion-unet", 1, (96, 96), (84, 84), 2, 2, None, 2, 16, 32,
+    "dp-pusht-image": BenchConfig("diffusion-unet", ("image",), (96, 96), (84, 84), 2, 2, None, 2, 16, 32,
                                   {"down_dims": (512, 1024, 2048)}),
     # Script/DiffusionUNetImagePushT.py: the same inputs with the small CPU-sized UNet.
-    "dp-pusht-image-small": BenchConfig("diffusion-unet", 1, (96, 96), (84, 84), 2, 2, None, 2, 16, 32,
+    "dp-pusht-image-small": BenchConfig("diffusion-unet", ("image",), (96, 96), (84, 84), 2, 2, None, 2, 16, 32,
                                         {"down_dims": (64, 128, 256)}),
-    "dpt-pusht-image": BenchConfig("diffusion-transformer", 1, (96, 96), (84, 84), 2, 2, None, 2, 16, 64, {}),
+    "dpt-pusht-image": BenchConfig("diffusion-transformer", ("image",), (96, 96), (84, 84), 2, 2, None, 2, 16, 64, {}),
     # The quickstart: Script/DiffusionUNetLowdimLift.py.
-    "dp-lift-lowdim": BenchConfig("diffusion-unet", 0, None, None, 19, 7, "axis_angle", 2, 16, 256,
+    "dp-lift-lowdim": BenchConfig("diffusion-unet", (), None, None, 19, 7, "axis_angle", 2, 16, 256,
                                   {"down_dims": (64, 128, 256)}),
-    "dp-lift-image": BenchConfig("diffusion-unet", 2, (84, 84), (76, 76), 9, 7, "axis_angle", 2, 16, 64,
+    "dp-lift-image": BenchConfig("diffusion-unet", ("agentview_image", "robot0_eye_in_hand_image"), (84, 84), (76, 76), 9, 7, "axis_angle", 2, 16, 64,
                                  {"down_dims": (256, 512, 1024)}),
     # LeRobot's default ACT configuration (chunk 100, batch 8) on ALOHA's 14-d joints, one 480x640 camera;
     # ACT's (and LeRobot's) ResNet-18 has frozen BatchNorm.
-    "act-aloha": BenchConfig("act", 1, (480, 640), None, 14, 14, None, 1, 100, 8, {"backbone_norm": "frozen_batch"}),
+    "act-aloha": BenchConfig("act", ("top",), (480, 640), None, 14, 14, None, 1, 100, 8, {"backbone_norm": "frozen_batch"}),
     # Script/ACTImageTransferCube.py: the CPU-sized ACT (120x160 top camera, d_model 256).
-    "act-aloha-small": BenchConfig("act", 1, (120, 160), None, 14, 14, None, 1, 100, 8,
+    "act-aloha-small": BenchConfig("act", ("top",), (120, 160), None, 14, 14, None, 1, 100, 8,
                                    {"d_model": 256, "dim_feedforward": 1024}),
 }
 
@@ -83,13 +83,13 @@ def build_policy(cfg: BenchConfig, action_range: tuple[list[float], list[float]]
     stats = {"action": {"min": list(low), "max": list(high)}}
     if cfg.low_dim:
         stats["low_dim"] = {"min": [-1.0] * cfg.low_dim, "max": [1.0] * cfg.low_dim}
-    preprocess = Preprocessor(stats, action_space, image_size=cfg.image, crop_size=cfg.crop)
+    preprocess = Preprocessor(stats, action_space, cfg.cams, image_size=cfg.image, crop_size=cfg.crop)
     A = action_space.model_dim
     if cfg.policy.startswith("diffusion"):
         from mimictest.nets.obs_encoder import ObsEncoder
         from mimictest.policies.diffusion import DiffusionPolicy
 
-        encoder = ObsEncoder(num_cams=cfg.cams, low_dim_dim=cfg.low_dim)
+        encoder = ObsEncoder(cfg.cams, low_dim_dim=cfg.low_dim)
         if cfg.policy == "diffusion-unet":
             from mimictest.nets.unet1d import ConditionalUnet1D
 
@@ -103,7 +103,7 @@ def build_policy(cfg: BenchConfig, action_range: tuple[list[float], list[float]]
         from mimictest.nets.act import ACT
         from mimictest.policies.act import ACTPolicy
 
-        return ACTPolicy(ACT(num_cams=cfg.cams, low_dim_dim=cfg.low_dim, action_dim=A, chunk_size=cfg.chunk, **cfg.net)), preprocess
+        return ACTPolicy(ACT(cams=cfg.cams, low_dim_dim=cfg.low_dim, action_dim=A, chunk_size=cfg.chunk, **cfg.net)), preprocess
     raise ValueError(f"unknown policy {cfg.policy!r}")
 
 
@@ -121,7 +121,7 @@ class SyntheticWindows(Dataset):
     def __init__(self, cfg: BenchConfig, length: int = 4096) -> None:
         self.cfg, self.length = cfg, length
         rng = np.random.default_rng(0)
-        self.pool = rng.integers(0, 256, (16, cfg.cams, *cfg.image, 3), dtype=np.uint8) if cfg.cams else None
+        self.pool = rng.integers(0, 256, (16, len(cfg.cams), *cfg.image, 3), dtype=np.uint8) if cfg.cams else None
 
     def __len__(self) -> int:
         return self.length
@@ -135,7 +135,8 @@ class SyntheticWindows(Dataset):
         if c.low_dim:
             item["low_dim"] = rng.uniform(-1, 1, (c.obs_horizon, c.low_dim)).astype(np.float32)
         if c.cams:
-            item["rgb"] = self.pool[(i + np.arange(c.obs_horizon)) % len(self.pool)]  # (T_obs, cams, H, W, 3)
+            images = self.pool[(i + np.arange(c.obs_horizon)) % len(self.pool)]  # (T_obs, cams, H, W, 3)
+            item["rgb"] = {cam: images[:, k] for k, cam in enumerate(c.cams)}  # {cam: (T_obs, H, W, 3)}
         return item
 
 
@@ -208,7 +209,7 @@ def time_lerobot(python: str, cfg: BenchConfig, device: torch.device, bf16: bool
     """Run the peer's bench_train.py on the same shapes; its JSON line."""
     script = os.path.join(_PEERS, "lerobot", "bench_train.py")
     args = [python, script, "--policy", "diffusion" if cfg.policy.startswith("diffusion") else "act",
-            "--cams", str(cfg.cams), "--state-dim", str(cfg.low_dim), "--action-dim", str(cfg.env_action),
+            "--cams", str(len(cfg.cams)), "--state-dim", str(cfg.low_dim), "--action-dim", str(cfg.env_action),
             "--n-obs", str(cfg.obs_horizon), "--horizon", str(cfg.chunk), "--batch", str(cfg.batch),
             "--steps", str(steps), "--warmup", str(warmup), "--device", device.type]
     if cfg.image:
@@ -291,7 +292,8 @@ def cmd_infer(args: argparse.Namespace) -> list[dict]:
             for batch_size in (1, args.envs):
                 data = SyntheticWindows(cfg, length=batch_size)
                 items = [data[i] for i in range(batch_size)]
-                raw = {k: torch.from_numpy(np.stack([it[k] for it in items])).to(device) for k in ("rgb", "low_dim") if k in items[0]}
+                raw = map_tensors(default_collate([{k: it[k] for k in ("rgb", "low_dim") if k in it} for it in items]),
+                                  lambda t: t.to(device))
                 for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
                     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
                     times = []
@@ -348,7 +350,7 @@ def _env_factory(name: str) -> tuple[Callable, BenchConfig, tuple[list[float], l
 
 
 def cmd_envs(args: argparse.Namespace) -> list[dict]:
-    from mimictest.envs.vector import make_vec_env
+    from mimictest.envs.vector import ScheduledEnv, make_vec_env, unflatten
     from mimictest.evaluate import Predictor, new_history, push_history
 
     make_env, cfg, (low, high) = _env_factory(args.env)
@@ -366,11 +368,13 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
     exec_steps = max(1, min(args.exec or default_exec, cfg.chunk - cfg.obs_horizon + 1))
     rows = []
     for workers in args.workers:
-        venv = make_vec_env([partial(make_env, render_video=False) for _ in range(workers)], subprocess=workers > 1)
+        # One endless episode per worker, seeded 0, 1, ...
+        fns = [partial(ScheduledEnv, [partial(make_env, render_video=False)], [(0, i)]) for i in range(workers)]
+        venv = make_vec_env(fns, subprocess=workers > 1)
         rng = np.random.default_rng(0)
         for mode in ("simulator alone", "policy in the loop"):
-            venv.seed(0)
-            obs = venv.reset()
+            venv.env_method("rewind")
+            obs = unflatten(venv.reset())
             history = new_history(obs, cfg.obs_horizon)
             queue: list[np.ndarray] = []
             start, steps, policy_s = time.perf_counter(), 0, 0.0
@@ -386,7 +390,7 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
                             queue = list(predictor.to_env(chunk).transpose(1, 0, 2))  # exec x (n, env_dim)
                         actions = queue.pop(0)
                     obs, _, _, _ = venv.step(actions)
-                    push_history(history, obs)
+                    push_history(history, unflatten(obs))
                     steps += 1
             elapsed = time.perf_counter() - start
             row = {"env": args.env, "workers": workers, "mode": mode, "env_steps_per_s": steps * workers / elapsed}

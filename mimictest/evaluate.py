@@ -1,27 +1,34 @@
-"""The one evaluation loop: policies rolled out in parallel simulators.
+"""The one evaluation loop: policies rolled out in parallel simulators, over one task or many.
 
-Each of ``num_envs`` workers keeps an observation history of ``obs_horizon`` steps. Whenever a
-worker has no queued actions, the policy predicts a chunk for every such worker in one batch
-(observation features are computed once per chunk) and steps ``[exec_start, exec_end)`` of the
-chunk are mapped to env actions and queued; Diffusion Policy executes steps
-``obs_horizon - 1 .. obs_horizon - 1 + 8``. With ``temporal_ensemble`` set, the policy predicts at
-every step instead and each executed action is ACT's exponentially weighted average of every
-queued prediction for that step; those chunks are queued in the model's action space (6D
-rotations average well; axis-angles near pi do not) and mapped to env actions one step at a time.
-A worker's queue is dropped when its episode ends.
+An ``Evaluator`` holds a list of ``EvalTask`` (each with its env factory, instruction, episode
+count and fixed starts). Every episode ``(task, start)`` is dealt to one process and, within it, to
+one of ``num_envs`` workers (``mimictest.envs.vector.ScheduledEnv``), which runs its episodes in
+order, so two checkpoints are compared on identical starts whatever the number of processes.
+
+Each worker keeps an observation history of ``obs_horizon`` steps. Whenever a worker has no
+queued actions, the policy predicts a chunk for every such worker in one batch (observation
+features are computed once per chunk) and steps ``[exec_start, exec_end)`` of the chunk are
+mapped to env actions and queued; Diffusion Policy executes steps ``obs_horizon - 1 ..
+obs_horizon - 1 + 8``. With ``temporal_ensemble`` set, the policy predicts at every step instead
+and each executed action is ACT's exponentially weighted average of every queued prediction for
+that step; those chunks are queued in the model's action space (6D rotations average well;
+axis-angles near pi do not) and mapped to env actions one step at a time. A worker's queue is
+dropped when its episode ends. The window carries each worker's task id and instruction.
 
 An episode's score is the best ``info["score"]`` it reached (PushT's coverage, say), or its best
-reward when the env gives none. Every worker runs a fixed quota of episodes, so that quick
-(successful) episodes are not over-counted. Under accelerate, each process evaluates its share
-with distinct seeds and the results are gathered.
+reward when the env gives none. Success rates come with 95% Wilson intervals, per task and over
+all episodes, plus the mean over tasks. Under accelerate, each process evaluates its share and the
+results are gathered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import gymnasium as gym
@@ -30,9 +37,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mimictest.envs.vector import make_vec_env
+from mimictest.envs.vector import ScheduledEnv, Start, make_vec_env, unflatten
 from mimictest.preprocess import Preprocessor
-
 
 
 class Predictor:
@@ -52,9 +58,13 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     @torch.no_grad()
-    def chunk(self, window: dict[str, np.ndarray]) -> np.ndarray:
-        """``{"rgb": (n, T_obs, cams, H, W, 3) uint8, "low_dim": (n, T_obs, D)}`` -> ``(n, chunk, model_dim)``."""
-        batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in window.items()}
+    def chunk(self, window: dict) -> np.ndarray:
+        """A window -> ``(n, chunk, model_dim)``.
+
+        ``window``: ``{"rgb": {cam: (n, T_obs, H, W, 3) uint8}, "low_dim": (n, T_obs, D), "task": (n,),
+        "lang": n strings}``, each key only when the policy uses it.
+        """
+        batch = _to_device(window, self.device)
         batch = self.preprocess(batch, train=False)
         with self.autocast():
             chunk = self.policy.predict(batch)
@@ -96,28 +106,56 @@ class TemporalEnsembler:
         return (weights[:, None] * candidates).sum(0) / weights.sum()
 
 
-@dataclass
+@dataclass(frozen=True)
+class EvalTask:
+    """One task of an evaluation.
+
+    Attributes:
+        name: how the task is reported (e.g. ``"drawer-open-v3"``).
+        make_env: ``make_env(render_video=...) -> gym.Env``, picklable (e.g. a ``functools.partial``);
+            observations are ``{"rgb": {cam: (H, W, 3) uint8}, "low_dim": (D,)}``.
+        num_episodes: episodes of this task, over all processes.
+        task: the dataset's id of this task (``batch["task"]``), for policies that know task ids;
+            ``None`` for single-task data.
+        lang: the instruction the policy is given, or ``None``.
+        starts: one start per episode: a reset seed, or a dict of reset options (a saved initial
+            state); ``None`` for the seeds ``Evaluator.seed, Evaluator.seed + 1, ...``.
+    """
+
+    name: str
+    make_env: Callable[..., gym.Env]
+    num_episodes: int
+    task: int | None = None
+    lang: str | None = None
+    starts: tuple[Start, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_episodes < 1:
+            raise ValueError(f"EvalTask {self.name!r}: num_episodes must be >= 1, got {self.num_episodes}")
+        if self.starts is not None and len(self.starts) != self.num_episodes:
+            raise ValueError(f"EvalTask {self.name!r} has {len(self.starts)} starts for {self.num_episodes} episodes; "
+                             "give one start per episode")
+
+
+@dataclass(kw_only=True)
 class Evaluator:
     """Rollout settings.
 
     Attributes:
-        make_env: ``make_env(render_video=...) -> gym.Env``, picklable (e.g. a ``functools.partial``);
-            observations are ``{"rgb": (cams, H, W, 3) uint8, "low_dim": (D,)}``.
+        tasks: what to evaluate; one ``EvalTask`` for a single-task benchmark.
         num_envs: parallel workers per process.
-        num_episodes: episodes in total, over all processes.
         obs_horizon: observation steps the policy sees.
         exec_start, exec_end: the slice of each predicted chunk that is executed.
-        seed: seed of the first worker; worker ``i`` of process ``r`` uses ``seed + 1000 * r + i``.
-            Keep it far from the seeds of the training demos.
+        seed: the first evaluation seed of tasks without ``starts``. Keep it far from the seeds of
+            the training demos.
         num_videos: rollouts saved as mp4 (from worker 0 of the main process).
         video_fps: frames per second of those videos.
         temporal_ensemble: ACT's ensembling coefficient (e.g. 0.01), or ``None`` to execute
             ``[exec_start, exec_end)`` of each chunk open-loop.
     """
 
-    make_env: Callable[[bool], gym.Env]
+    tasks: list[EvalTask]
     num_envs: int
-    num_episodes: int
     obs_horizon: int
     exec_start: int
     exec_end: int
@@ -125,11 +163,22 @@ class Evaluator:
     num_videos: int = 2
     video_fps: int = 20
     temporal_ensemble: float | None = None
+    _venv: object = field(default=None, init=False, repr=False)
+    _venv_key: tuple = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.exec_start < self.exec_end:
             raise ValueError(f"need 0 <= exec_start < exec_end, got [{self.exec_start}, {self.exec_end})")
-        self._venv = None
+        if not self.tasks:
+            raise ValueError("an Evaluator needs at least one EvalTask")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"EvalTask names must be distinct, got {names}")
+
+    @property
+    def num_episodes(self) -> int:
+        """Episodes in total, over all tasks and processes."""
+        return sum(t.num_episodes for t in self.tasks)
 
     @property
     def execution(self) -> str:
@@ -138,24 +187,59 @@ class Evaluator:
             return f"ensemble{self.temporal_ensemble:g}"
         return f"chunk[{self.exec_start}:{self.exec_end}]"
 
+    def check(self, task_names: list[str] | None, instructions: bool) -> None:
+        """Refuse, before any training, tasks the policy cannot be evaluated on.
+
+        ``task_names``: the dataset's tasks (``None`` for single-task data); ``instructions``:
+        whether the policy was trained with instructions.
+        """
+        for t in self.tasks:
+            if t.task is not None and (task_names is None or not 0 <= t.task < len(task_names)):
+                seen = "none (single-task data)" if task_names is None else f"0..{len(task_names) - 1} ({', '.join(task_names)})"
+                raise ValueError(f"EvalTask {t.name!r} has task id {t.task}, which the dataset never saw (its task ids: "
+                                 f"{seen}); use the dataset's ids")
+            if instructions and t.lang is None:
+                raise ValueError(f"the policy is trained with instructions but EvalTask {t.name!r} has none; "
+                                 "give every EvalTask its lang")
+
+    def episodes(self) -> list[tuple[int, int, Start]]:
+        """Every episode as ``(task index, episode index within the task, start)``, task by task."""
+        out = []
+        for k, t in enumerate(self.tasks):
+            starts = t.starts if t.starts is not None else range(self.seed, self.seed + t.num_episodes)
+            out += [(k, j, start) for j, start in enumerate(starts)]
+        return out
+
     def close(self) -> None:
         if self._venv is not None:
             self._venv.close()
             self._venv = None
 
-    def rollouts(self, predictor: Predictor, num_episodes: int, rank: int = 0, video_dir: str | None = None,
-                 progress: bool = True) -> list[dict]:
-        """Run ``num_episodes`` episodes in this process; one record per episode."""
-        num_envs = min(self.num_envs, num_episodes)
-        if self._venv is None or self._venv.num_envs != num_envs:
+    def _workers(self, mine: list[tuple[int, int, Start]], videos: bool) -> tuple[object, list[list]]:
+        """The vector env for this process's episodes (kept between evaluations) and each worker's schedule."""
+        num_envs = min(self.num_envs, len(mine))
+        schedules = [mine[w::num_envs] for w in range(num_envs)]
+        key = (tuple(map(tuple, ((k, j) for k, j, _ in mine))), videos)
+        if self._venv is None or self._venv_key != key:
             self.close()
-            videos = video_dir is not None and self.num_videos > 0
-            fns = [_EnvFn(self.make_env, videos and i == 0) for i in range(num_envs)]
+            fns = [partial(ScheduledEnv, [partial(t.make_env, render_video=videos and w == 0) for t in self.tasks],
+                           [(k, start) for k, _, start in schedule]) for w, schedule in enumerate(schedules)]
             self._venv = make_vec_env(fns, subprocess=num_envs > 1)
-        venv = self._venv
-        quota = [num_episodes // num_envs + (i < num_episodes % num_envs) for i in range(num_envs)]
-        venv.seed(self.seed + 1000 * rank)
-        obs = venv.reset()
+            self._venv_key = key
+        else:
+            self._venv.env_method("rewind")
+        return self._venv, schedules
+
+    def rollouts(self, predictor: Predictor, rank: int = 0, world: int = 1, video_dir: str | None = None,
+                 progress: bool = True) -> list[dict]:
+        """Run process ``rank``'s share (of ``world``) of the episodes; one record per episode."""
+        mine = self.episodes()[rank::world]
+        if not mine:
+            return []
+        venv, schedules = self._workers(mine, video_dir is not None and self.num_videos > 0)
+        num_envs = len(schedules)
+        done_count = [0] * num_envs  # finished episodes of each worker
+        obs = unflatten(venv.reset())
         # (num_envs, T_obs, ...): the newest observation last; a reset fills the whole window.
         history = new_history(obs, self.obs_horizon)
         queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
@@ -164,13 +248,18 @@ class Evaluator:
         steps, score_max = np.zeros(num_envs, int), np.full(num_envs, -np.inf)
         frames: list[np.ndarray] = []
         records: list[dict] = []
-        bar = tqdm(total=num_episodes, desc="eval", unit="episode", disable=not progress, leave=False)
+        bar = tqdm(total=len(mine), desc="eval", unit="episode", disable=not progress, leave=False)
+
+        def running(i: int) -> bool:
+            return done_count[i] < len(schedules[i])
+
         with predictor.autocast():  # open for the whole loop: weights are cast to bf16 once
-            while any(q > 0 for q in quota):
-                # Workers past their quota keep stepping (the vector env steps all) on their last action, unpredicted.
-                need = [i for i in range(num_envs) if quota[i] > 0 and (ensemblers or not queues[i])]
+            while any(running(i) for i in range(num_envs)):
+                # Workers past their schedule keep stepping (the vector env steps all) on their last action, unpredicted.
+                need = [i for i in range(num_envs) if running(i) and (ensemblers or not queues[i])]
                 if need:
-                    window = {k: h[need] for k, h in history.items()}  # (n, T_obs, ...)
+                    current = [self.tasks[schedules[i][done_count[i]][0]] for i in need]
+                    window = window_of(history, need, current)
                     chunk = predictor.chunk(window)[:, self.exec_start : self.exec_end]  # (n, H, model_dim)
                     if ensemblers:
                         for j, i in enumerate(need):
@@ -180,54 +269,85 @@ class Evaluator:
                         for j, i in enumerate(need):
                             queues[i] = list(env_chunk[j])
                 for i in range(num_envs):
-                    if quota[i] > 0:
+                    if running(i):
                         last[i] = ensemblers[i].pop() if ensemblers else queues[i].pop(0)
                 # Ensembled actions are averaged in model space and mapped here, one step at a time.
                 actions = predictor.to_env(np.stack(last)) if ensemblers else np.stack(last)  # (num_envs, env_dim)
-                obs, rewards, dones, infos = venv.step(actions)
+                flat_obs, rewards, dones, infos = venv.step(actions)
+                obs = unflatten(flat_obs)
                 steps += 1
                 score_max = np.maximum(score_max, [info.get("score", r) for info, r in zip(infos, rewards)])
-                if "frame" in infos[0] and quota[0] > 0 and _videos_done(records) < self.num_videos:
+                if "frame" in infos[0] and running(0) and _videos_done(records) < self.num_videos:
                     frames.append(infos[0]["frame"])
                 push_history(history, obs)
                 for i in np.flatnonzero(dones):
-                    if quota[i] > 0:
-                        records.append({"rank": rank, "env": int(i), "success": bool(infos[i].get("is_success", False)),
+                    if running(i):
+                        k, j, start = schedules[i][done_count[i]]
+                        records.append({"task": self.tasks[k].name, "episode": j,
+                                        "seed": start if isinstance(start, int) else None, "rank": rank, "env": int(i),
+                                        "success": bool(infos[i].get("is_success", False)),
                                         "length": int(steps[i]), "max_score": float(score_max[i])})
-                        quota[i] -= 1
+                        done_count[i] += 1
                         bar.update(1)
                         if i == 0 and frames and video_dir is not None:
-                            _write_video(frames, video_dir, f"rank{rank}_episode{_videos_done(records) - 1}", self.video_fps)
+                            name = f"{self.tasks[k].name}_episode{j}" if len(self.tasks) > 1 else f"rank{rank}_episode{j}"
+                            _write_video(frames, video_dir, name, self.video_fps)
                             frames = []
                     steps[i], score_max[i], queues[i] = 0, -np.inf, []
                     if ensemblers:
                         ensemblers[i].reset()
-                    for k, h in history.items():  # obs[i] is already the next episode's first observation
-                        h[i] = obs[k][i]
+                    reset_history(history, obs, i)  # obs[i] is already the next episode's first observation
         bar.close()
         return records
 
 
-def new_history(obs: dict[str, np.ndarray], horizon: int) -> dict[str, np.ndarray]:
-    """First observations ``(n, ...)`` -> windows ``(n, horizon, ...)`` that repeat them (the newest is last)."""
-    return {k: np.repeat(v[:, None], horizon, axis=1) for k, v in obs.items()}
+def new_history(obs: dict, horizon: int) -> dict:
+    """First observations ``(n, ...)`` -> windows ``(n, horizon, ...)`` that repeat them (the newest is last).
+
+    ``rgb`` stays a ``{camera: ...}`` dict.
+    """
+    if isinstance(obs, dict):
+        return {k: new_history(v, horizon) for k, v in obs.items()}
+    return np.repeat(obs[:, None], horizon, axis=1)
 
 
-def push_history(history: dict[str, np.ndarray], obs: dict[str, np.ndarray]) -> None:
+def push_history(history: dict, obs: dict) -> None:
     """Shift every window one step in place and append ``obs`` ``(n, ...)`` as the newest."""
     for k, h in history.items():
-        h[:, :-1] = h[:, 1:]
-        h[:, -1] = obs[k]
+        if isinstance(h, dict):
+            push_history(h, obs[k])
+        else:
+            h[:, :-1] = h[:, 1:]
+            h[:, -1] = obs[k]
 
 
-class _EnvFn:
-    """Picklable ``() -> env`` for one worker."""
+def reset_history(history: dict, obs: dict, i: int) -> None:
+    """Fill worker ``i``'s whole window with its first observation ``obs[...][i]`` of a new episode."""
+    for k, h in history.items():
+        if isinstance(h, dict):
+            reset_history(h, obs[k], i)
+        else:
+            h[i] = obs[k][i]
 
-    def __init__(self, make_env: Callable[[bool], gym.Env], render_video: bool) -> None:
-        self.make_env, self.render_video = make_env, render_video
 
-    def __call__(self) -> gym.Env:
-        return self.make_env(render_video=self.render_video)
+def window_of(history: dict, workers: list[int], tasks: list[EvalTask]) -> dict:
+    """The policy's window for ``workers``: their histories, plus each one's task id and instruction."""
+    window = {k: ({cam: v[workers] for cam, v in h.items()} if isinstance(h, dict) else h[workers])
+              for k, h in history.items()}
+    if tasks[0].task is not None:
+        window["task"] = np.array([t.task for t in tasks], dtype=np.int64)  # (n,)
+    if tasks[0].lang is not None:
+        window["lang"] = [t.lang for t in tasks]
+    return window
+
+
+def _to_device(tree, device: torch.device):
+    """numpy arrays (in nested dicts) -> tensors on ``device``; strings and lists of strings pass through."""
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(tree)).to(device)
+    return tree
 
 
 def _videos_done(records: list[dict]) -> int:
@@ -239,15 +359,48 @@ def _write_video(frames: list[np.ndarray], folder: str, name: str, fps: int) -> 
     imageio.mimsave(os.path.join(folder, f"{name}.mp4"), frames, fps=fps, macro_block_size=1)
 
 
-def summarize(records: list[dict]) -> dict:
-    """Success rate (%), episode count, mean length (steps) and the mean of each episode's best score."""
-    n = len(records)
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate, in percent (Wilson 1927; exact at 0 and n successes)."""
+    if n == 0:
+        return 0.0, 100.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
+def _rates(records: list[dict]) -> dict:
+    n, wins = len(records), sum(r["success"] for r in records)
     return {
-        "success_rate": 100.0 * sum(r["success"] for r in records) / n,
+        "success_rate": 100.0 * wins / n,
+        "success_ci95": list(wilson_interval(wins, n)),
         "episodes": n,
         "mean_length": float(np.mean([r["length"] for r in records])),
         "mean_max_score": float(np.mean([r["max_score"] for r in records])),
     }
+
+
+def summarize(records: list[dict]) -> dict:
+    """Over all episodes: success rate (%) with its 95% Wilson interval, episode count, mean length
+    (steps) and the mean of each episode's best score; per task the same, and the mean of the
+    tasks' success rates."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    per_task = {t: _rates([r for r in records if r["task"] == t]) for t in tasks}
+    return {**_rates(records), "mean_task_success": float(np.mean([v["success_rate"] for v in per_task.values()])),
+            "tasks": per_task}
+
+
+def format_table(summary: dict) -> str:
+    """A per-task success table (plain text) of a ``summarize`` result."""
+    rows = [(name, v) for name, v in summary["tasks"].items()] + [("all episodes", summary)]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'task':<{width}}  success  95% CI          episodes  mean length"]
+    for name, v in rows:
+        lo, hi = v["success_ci95"]
+        lines.append(f"{name:<{width}}  {v['success_rate']:6.1f}%  [{lo:5.1f}, {hi:5.1f}]%  {v['episodes']:8d}  "
+                     f"{v['mean_length']:8.0f}")
+    lines.append(f"{'mean over tasks':<{width}}  {summary['mean_task_success']:6.1f}%")
+    return "\n".join(lines)
 
 
 def save_results(summary: dict, records: list[dict], path: str) -> None:

@@ -5,8 +5,9 @@
   (10-d for one arm), in absolute mode (world-frame targets) or relative mode (per-step deltas,
   such as robosuite's default OSC_POSE ``control_delta=True``). Joint-space actions pass through.
 - ``Preprocessor`` (an ``nn.Module`` so its statistics travel in checkpoints) turns a uint8 batch
-  into network inputs: images to float in [-1, 1], optional resize, random crop when training and
-  centre crop when evaluating, min-max normalisation to [-1, 1]; and maps predicted actions back.
+  into network inputs: each camera's images to float in [-1, 1], optional resize, random crop when
+  training and centre crop when evaluating, min-max normalisation to [-1, 1], instructions to
+  embeddings; and maps predicted actions back.
 """
 
 from __future__ import annotations
@@ -97,6 +98,19 @@ def _range_buffers(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, to
     return (hi + lo) / 2, half
 
 
+Size = tuple[int, int]
+
+
+def per_camera(value: Size | dict[str, Size] | None, cams: list[str], name: str) -> dict[str, Size | None]:
+    """One ``(H, W)`` for every camera, or a ``{camera: (H, W)}`` that names each of ``cams``."""
+    if isinstance(value, dict):
+        missing = [cam for cam in cams if cam not in value]
+        if missing:
+            raise ValueError(f"{name} has no size for camera(s) {missing}; give every camera in {cams} a size")
+        return {cam: tuple(value[cam]) if value[cam] else None for cam in cams}
+    return {cam: tuple(value) if value else None for cam in cams}
+
+
 class Preprocessor(nn.Module):
     """Turns uint8 / raw batches into normalised network inputs on the device, and back.
 
@@ -104,28 +118,43 @@ class Preprocessor(nn.Module):
         stats: ``{"action": {"min", "max"}, "low_dim": {"min", "max"}}`` per-dim lists, in env
             units, as computed by the dataset readers (``low_dim`` may be absent).
         action_space: the env <-> model action mapping.
-        image_size: ``(H, W)`` of the images the dataset and env provide; checked on every batch.
-        crop_size: ``(h, w)`` crop fed to the network, or ``None`` for no crop. Random crops when
-            training, centre crops when evaluating (Diffusion Policy uses 84 -> 76 on robomimic).
-        resize: ``(H', W')`` to resize to before cropping, or ``None``.
+        cams: the cameras of ``rgb``, in the order the networks see them.
+        image_size: ``(H, W)`` of every camera's images, or ``{camera: (H, W)}``; checked on every batch.
+        crop_size: ``(h, w)`` crop fed to the network (or one per camera), or ``None`` for no crop.
+            Random crops when training, centre crops when evaluating (Diffusion Policy: 84 -> 76 on
+            robomimic).
+        resize: ``(H', W')`` (or one per camera) to resize to before cropping, or ``None``.
+        text_encoder: turns instructions into embeddings (``mimictest.text.TextEncoder``); needed
+            for batches with ``lang``. It is not part of the state: the embeddings it made are.
+        instructions: instructions to embed now (the dataset's), so training never runs the encoder.
+
+    With a text encoder or instructions, a batch with ``lang`` (``B`` strings) gains ``lang_emb``
+    ``(B, D_lang)`` (without either, ``lang`` is dropped: the policy takes none): each distinct
+    instruction is embedded once, and the embeddings travel in checkpoints, so a saved policy
+    evaluates on its training instructions without the encoder.
     """
 
     def __init__(
         self,
         stats: dict[str, dict[str, list[float]]],
         action_space: ActionSpace,
-        image_size: tuple[int, int] | None = None,
-        crop_size: tuple[int, int] | None = None,
-        resize: tuple[int, int] | None = None,
+        cams: list[str] | tuple[str, ...] = (),
+        image_size: Size | dict[str, Size] | None = None,
+        crop_size: Size | dict[str, Size] | None = None,
+        resize: Size | dict[str, Size] | None = None,
+        text_encoder=None,
+        instructions: list[str] | tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.action_space = action_space
-        self.image_size = tuple(image_size) if image_size else None
-        self.resize = tuple(resize) if resize else None
-        self.crop_size = tuple(crop_size) if crop_size else None
-        source = self.resize or self.image_size
-        if self.crop_size and source and (self.crop_size[0] > source[0] or self.crop_size[1] > source[1]):
-            raise ValueError(f"crop_size {self.crop_size} is larger than the image {source}; choose a smaller crop")
+        self.cams = list(cams)
+        self.image_size = per_camera(image_size, self.cams, "image_size")
+        self.resize = per_camera(resize, self.cams, "resize")
+        self.crop_size = per_camera(crop_size, self.cams, "crop_size")
+        for cam in self.cams:
+            source, crop = self.resize[cam] or self.image_size[cam], self.crop_size[cam]
+            if crop and source and (crop[0] > source[0] or crop[1] > source[1]):
+                raise ValueError(f"crop_size {crop} is larger than camera {cam!r}'s image {source}; choose a smaller crop")
 
         a_lo, a_hi = action_space.model_bounds(
             torch.tensor(stats["action"]["min"], dtype=torch.float32), torch.tensor(stats["action"]["max"], dtype=torch.float32)
@@ -142,10 +171,46 @@ class Preprocessor(nn.Module):
         self.register_buffer("low_dim_centre", low_centre)
         self.register_buffer("low_dim_half", low_half)
 
+        self.text_encoder = text_encoder
+        self._lang_rows: dict[str, int] = {}  # instruction -> row of lang_table
+        lang_dim = text_encoder.dim if text_encoder is not None else 0
+        self.register_buffer("lang_table", torch.zeros(0, lang_dim), persistent=False)  # (instructions, D_lang)
+        if instructions:
+            self.embed(list(instructions))
+
+    def output_image_size(self, cam: str) -> Size | None:
+        """``(h, w)`` of the images the network receives from ``cam``."""
+        return self.crop_size[cam] or self.resize[cam] or self.image_size[cam]
+
     @property
-    def output_image_size(self) -> tuple[int, int] | None:
-        """``(h, w)`` of the images the network receives."""
-        return self.crop_size or self.resize or self.image_size
+    def lang_dim(self) -> int:
+        """``D_lang`` of ``lang_emb`` (0 without instructions)."""
+        return self.lang_table.shape[1]
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """``B`` instructions -> ``(B, D_lang)``; each new distinct instruction runs the encoder once."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._lang_rows]
+        if new:
+            if self.text_encoder is None:
+                raise ValueError(
+                    f"instruction {new[0]!r} was not seen in training and this Preprocessor has no text_encoder; "
+                    "pass text_encoder=TextEncoder(...) to embed new instructions"
+                )
+            emb = self.text_encoder.encode(new).float().to(self.lang_table.device)  # (len(new), D_lang)
+            if self.lang_table.shape[0] == 0:
+                self.lang_table = emb.new_zeros(0, emb.shape[1])
+            base = len(self._lang_rows)
+            self._lang_rows.update((t, base + j) for j, t in enumerate(new))
+            self.lang_table = torch.cat((self.lang_table, emb))
+        rows = torch.tensor([self._lang_rows[t] for t in texts], device=self.lang_table.device)
+        return self.lang_table[rows]
+
+    def get_extra_state(self) -> dict:
+        return {"instructions": list(self._lang_rows), "lang_table": self.lang_table.cpu()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._lang_rows = {t: i for i, t in enumerate(state["instructions"])}
+        self.lang_table = state["lang_table"].to(self.action_centre.device)
 
     def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
         """``(..., env_dim)`` env actions -> ``(..., model_dim)`` in ~[-1, 1]."""
@@ -164,43 +229,38 @@ class Preprocessor(nn.Module):
             )
         return (low_dim.float() - self.low_dim_centre) / self.low_dim_half
 
-    def images(self, rgb: torch.Tensor, train: bool) -> torch.Tensor:
-        """``(B, T, cams, H, W, 3)`` uint8 -> ``(B, T, cams, 3, h, w)`` float in [-1, 1]."""
+    def images(self, rgb: dict[str, torch.Tensor], train: bool) -> dict[str, torch.Tensor]:
+        """``{camera: (B, T, H, W, 3) uint8}`` -> ``{camera: (B, T, 3, h, w)}`` float in [-1, 1]."""
+        missing = [cam for cam in self.cams if cam not in rgb]
+        if missing:
+            raise ValueError(f"the batch has no images from camera(s) {missing} (it has {sorted(rgb)}); "
+                             "the script's cameras and the data's must match")
+        return {cam: self._camera(cam, rgb[cam], train) for cam in self.cams}
+
+    def _camera(self, cam: str, rgb: torch.Tensor, train: bool) -> torch.Tensor:
+        """``(B, T, H, W, 3)`` uint8 -> ``(B, T, 3, h, w)`` float in [-1, 1]."""
         if rgb.dtype != torch.uint8:
-            raise TypeError(f"rgb must be uint8 (0..255) until it reaches the preprocessor, got {rgb.dtype}")
-        lead, (H, W) = rgb.shape[:3], rgb.shape[3:5]
-        if self.image_size is not None and (H, W) != self.image_size:
+            raise TypeError(f"rgb[{cam!r}] must be uint8 (0..255) until it reaches the preprocessor, got {rgb.dtype}")
+        lead, (H, W) = rgb.shape[:2], rgb.shape[2:4]
+        size, resize, crop = self.image_size[cam], self.resize[cam], self.crop_size[cam]
+        if size is not None and (H, W) != size:
             raise ValueError(
-                f"images are {H}x{W} but this configuration expects {self.image_size[0]}x{self.image_size[1]}; "
+                f"camera {cam!r} gives {H}x{W} images but this configuration expects {size[0]}x{size[1]}; "
                 "set IMAGE_SIZE in the script to the dataset's size, or regenerate the demos at that size"
             )
-        x = rgb.reshape(-1, H, W, 3)  # (N, H, W, 3), N = B * T * cams
-        if self.resize and (H, W) != self.resize:
-            x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=self.resize, mode="bilinear", antialias=True)
+        x = rgb.reshape(-1, H, W, 3)  # (N, H, W, 3), N = B * T
+        if resize and (H, W) != resize:
+            x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=resize, mode="bilinear", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            H, W = self.resize
-        if self.crop_size and (H, W) != self.crop_size:
-            x = self._crop(x, train)
+            H, W = resize
+        if crop and (H, W) != crop:
+            x = _crop(x, crop, train)
         x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (N, 3, h, w)
         return x.reshape(lead + x.shape[1:]).contiguous(memory_format=torch.contiguous_format)
 
-    def _crop(self, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """``(N, H, W, 3)`` -> ``(N, h, w, 3)``: an independent random window per image, or the centre."""
-        N, H, W, _ = x.shape
-        h, w = self.crop_size
-        if not train:
-            top, left = (H - h) // 2, (W - w) // 2
-            return x[:, top : top + h, left : left + w]
-        top = torch.randint(0, H - h + 1, (N, 1), device=x.device)
-        left = torch.randint(0, W - w + 1, (N, 1), device=x.device)
-        rows = (top + torch.arange(h, device=x.device)).unsqueeze(-1)  # (N, h, 1)
-        cols = (left + torch.arange(w, device=x.device)).unsqueeze(1)  # (N, 1, w)
-        n = torch.arange(N, device=x.device).view(N, 1, 1)
-        return x[n, rows, cols]  # (N, h, w, 3)
-
-    def forward(self, batch: dict[str, torch.Tensor], train: bool) -> dict[str, torch.Tensor]:
-        """Raw device batch -> network batch (see ``SPEC``: rgb, low_dim, action, is_pad)."""
-        out: dict[str, torch.Tensor] = {}
+    def forward(self, batch: dict, train: bool) -> dict:
+        """Raw device batch -> network batch: rgb, low_dim, action, is_pad, task, and lang_emb from lang."""
+        out: dict = {}
         if "rgb" in batch:
             out["rgb"] = self.images(batch["rgb"], train)
         if "low_dim" in batch:
@@ -209,4 +269,23 @@ class Preprocessor(nn.Module):
             out["action"] = self.normalize_action(batch["action"])
         if "is_pad" in batch:
             out["is_pad"] = batch["is_pad"]
+        if "task" in batch:
+            out["task"] = batch["task"]
+        if "lang" in batch and (self.text_encoder is not None or self._lang_rows):  # else no policy input uses it
+            out["lang_emb"] = self.embed(list(batch["lang"]))  # (B, D_lang)
         return out
+
+
+def _crop(x: torch.Tensor, size: Size, train: bool) -> torch.Tensor:
+    """``(N, H, W, 3)`` -> ``(N, h, w, 3)``: an independent random window per image, or the centre."""
+    N, H, W, _ = x.shape
+    h, w = size
+    if not train:
+        top, left = (H - h) // 2, (W - w) // 2
+        return x[:, top : top + h, left : left + w]
+    top = torch.randint(0, H - h + 1, (N, 1), device=x.device)
+    left = torch.randint(0, W - w + 1, (N, 1), device=x.device)
+    rows = (top + torch.arange(h, device=x.device)).unsqueeze(-1)  # (N, h, 1)
+    cols = (left + torch.arange(w, device=x.device)).unsqueeze(1)  # (N, 1, w)
+    n = torch.arange(N, device=x.device).view(N, 1, 1)
+    return x[n, rows, cols]  # (N, h, w, 3)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mimictest import checkpoint
 from mimictest.cpu import configure_cpu
 from mimictest.data.prefetcher import Prefetcher, endless
-from mimictest.evaluate import Evaluator, Predictor, save_results, summarize
+from mimictest.evaluate import Evaluator, Predictor, format_table, save_results, summarize
 from mimictest.policies.ema import EMA
 from mimictest.preprocess import Preprocessor
 
@@ -101,6 +101,8 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
     log = _Logger(accelerator, cfg, run_dir)
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"the dataset has {len(dataset)} samples, fewer than batch_size={cfg.batch_size}; lower BATCH_SIZE")
+    if evaluator is not None:
+        evaluator.check(getattr(dataset, "task_names", None), instructions=preprocess.lang_dim > 0)
 
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
@@ -116,8 +118,8 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
     ema = EMA(policy) if cfg.ema else None
 
     step = 0
-    if os.path.isfile(ckpt_path):
-        state = checkpoint.load(ckpt_path)
+    state = checkpoint.load_resumable(ckpt_path)  # falls back to the previous checkpoint if last.pt is damaged
+    if state is not None:
         policy.load_state_dict(state["policy"])
         preprocess.load_state_dict(state["preprocess"])
         optimizer.load_state_dict(state["optimizer"])
@@ -228,21 +230,27 @@ def _evaluate(accelerator: Accelerator, evaluator: Evaluator, policy: torch.nn.M
     """Each process runs its share of the episodes; the main process gathers, saves and logs."""
     policy.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
-    share = evaluator.num_episodes // world + (rank < evaluator.num_episodes % world)
     predictor = Predictor(policy, preprocess, accelerator.device, bf16=accelerator.mixed_precision == "bf16")
     start = time.perf_counter()
     # Ensembled evaluations get their own names, so re-evaluating a checkpoint both ways keeps both results.
     tag = f"_{evaluator.execution}" if evaluator.temporal_ensemble is not None else ""
     videos = os.path.join(run_dir, "videos", f"step{step}{tag}") if accelerator.is_main_process else None
-    records = evaluator.rollouts(predictor, share, rank=rank, video_dir=videos, progress=accelerator.is_main_process)
+    records = evaluator.rollouts(predictor, rank, world, video_dir=videos, progress=accelerator.is_main_process)
     records = gather_object(records)
     summary = summarize(records)
     summary["eval_seconds"] = time.perf_counter() - start
     if accelerator.is_main_process:
         save_results({**summary, "execution": evaluator.execution}, records, os.path.join(run_dir, f"eval_step{step}{tag}.json"))
-    log.metrics(step, {f"eval/{k}{tag}": v for k, v in summary.items()})
-    log.print(f"step {step}: success rate {summary['success_rate']:.1f}% over {summary['episodes']} episodes, "
-              f"{evaluator.execution} (mean length {summary['mean_length']:.0f} steps, {summary['eval_seconds']:.0f} s)")
+    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    if len(summary["tasks"]) > 1:
+        scalars.update((f"{task}/success_rate", v["success_rate"]) for task, v in summary["tasks"].items())
+    log.metrics(step, {f"eval/{k}{tag}": v for k, v in scalars.items()})
+    lo, hi = summary["success_ci95"]
+    log.print(f"step {step}: success rate {summary['success_rate']:.1f}% (95% CI {lo:.1f}-{hi:.1f}) over "
+              f"{summary['episodes']} episodes, {evaluator.execution} (mean length {summary['mean_length']:.0f} steps, "
+              f"{summary['eval_seconds']:.0f} s)")
+    if len(summary["tasks"]) > 1:
+        log.print(format_table(summary))
     return summary
 
 

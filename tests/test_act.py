@@ -16,23 +16,27 @@ IMAGE = 32  # ResNet-18 layer4 gives a 1x1 map: one token per camera
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+def cams(num_cams: int) -> list[str]:
+    return [f"cam{i}" for i in range(num_cams)]
+
+
 def tiny_act(num_cams: int, low_dim_dim: int = LOW_DIM, shared_backbone: bool = True) -> ACT:
-    return ACT(ACTION, CHUNK, low_dim_dim, num_cams, shared_backbone=shared_backbone, d_model=32, nhead=4,
+    return ACT(ACTION, CHUNK, low_dim_dim, cams(num_cams), shared_backbone=shared_backbone, d_model=32, nhead=4,
                num_encoder_layers=2, dim_feedforward=64, num_vae_encoder_layers=2, latent_dim=8)
 
 
-def random_batch(batch_size: int, num_cams: int, image: int = IMAGE) -> dict[str, Tensor]:
+def random_batch(batch_size: int, num_cams: int, image: int = IMAGE) -> dict:
     batch = {
         "low_dim": torch.randn(batch_size, 1, LOW_DIM),
         "action": torch.rand(batch_size, CHUNK, ACTION) * 2 - 1,
         "is_pad": torch.zeros(batch_size, CHUNK, dtype=torch.bool),
     }
     if num_cams:
-        batch["rgb"] = torch.rand(batch_size, 1, num_cams, 3, image, image) * 2 - 1
+        batch["rgb"] = {cam: torch.rand(batch_size, 1, 3, image, image) * 2 - 1 for cam in cams(num_cams)}
     return batch
 
 
-def obs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def obs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in ("rgb", "low_dim")}
 
 
@@ -58,7 +62,7 @@ def test_train_step_and_predict_shapes(num_cams: int, shared: bool) -> None:
 
 
 def test_aloha_sizes_low_dim_only_and_bad_inputs() -> None:
-    net = ACT(14, CHUNK, 14, num_cams=0, d_model=32, nhead=4, num_encoder_layers=1, dim_feedforward=64,
+    net = ACT(14, CHUNK, 14, cams=[], d_model=32, nhead=4, num_encoder_layers=1, dim_feedforward=64,
               num_vae_encoder_layers=1)
     pred, mu, logvar = net({"low_dim": torch.randn(2, 1, 14)}, torch.randn(2, CHUNK, 14),
                            torch.zeros(2, CHUNK, dtype=torch.bool))
@@ -71,8 +75,8 @@ def test_aloha_sizes_low_dim_only_and_bad_inputs() -> None:
         tiny_act(num_cams=1)({"low_dim": torch.randn(2, 1, LOW_DIM)})
     with pytest.raises(ValueError, match="is_pad"):
         ACTPolicy(tiny_act(0)).compute_loss({"low_dim": torch.randn(2, 1, LOW_DIM), "action": torch.randn(2, CHUNK, ACTION)})
-    with pytest.raises(ValueError, match="at least one"):
-        ACT(ACTION, CHUNK, low_dim_dim=0, num_cams=0)
+    with pytest.raises(ValueError, match="needs cameras or low_dim_dim > 0"):
+        ACT(ACTION, CHUNK, low_dim_dim=0, cams=[])
 
 
 def test_padded_steps_do_not_affect_the_loss() -> None:
@@ -216,7 +220,7 @@ def test_act_with_pretrained_backbone_trains(tmp_path) -> None:
 
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    policy = ACTPolicy(ACT(ACTION, CHUNK, LOW_DIM, 1, backbone_norm="frozen_batch", backbone_weights=str(path),
+    policy = ACTPolicy(ACT(ACTION, CHUNK, LOW_DIM, cams(1), backbone_norm="frozen_batch", backbone_weights=str(path),
                            d_model=32, nhead=4, num_encoder_layers=1, dim_feedforward=64, num_vae_encoder_layers=1,
                            latent_dim=8))
     stem = policy.net.backbones[0][0]  # conv1 with bn1 folded in

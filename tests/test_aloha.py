@@ -18,7 +18,7 @@ from mimictest.data.aloha import AlohaDataset
 from mimictest.demos.__main__ import main as demos_main
 from mimictest.demos.aloha import generate_aloha_demos
 from mimictest.envs.aloha import TASKS, AlohaEnv
-from mimictest.envs.vector import make_vec_env
+from mimictest.envs.vector import ScheduledEnv, make_vec_env, unflatten
 
 SIZE = (48, 64)
 
@@ -42,19 +42,22 @@ def test_expert_files_are_act_format_and_match_the_env(expert) -> None:
 
     ds = AlohaDataset(folder, ["top"], obs_horizon=2, chunk_size=10, image_size=SIZE)
     assert len(ds) == 400 and ds.num_episodes == 1 and ds.image_size == SIZE and ds.low_dim_dim == 14
+    assert ds.cams == ["top"]
     assert set(ds.stats) == {"action", "low_dim"} and len(ds.stats["action"]["mean"]) == 14
     assert os.path.isfile(folder + ".mimictest-stats.json")
     item = ds[0]
-    assert item["rgb"].shape == (2, 1, *SIZE, 3) and item["low_dim"].shape == (2, 14)
+    assert list(item["rgb"]) == ["top"]
+    assert item["rgb"]["top"].shape == (2, *SIZE, 3) and item["low_dim"].shape == (2, 14)
     assert item["action"].shape == (10, 14) and item["is_pad"].tolist() == [True] + [False] * 9
 
     env = AlohaEnv(task, cams=("top",), image_size=SIZE)
     obs, info = env.reset(seed=0)  # the expert's episode 0 used seed 0
     assert env.observation_space.contains(obs) and info == {"is_success": False, "score": 0.0}
-    assert obs["rgb"].shape == item["rgb"].shape[1:] and obs["rgb"].dtype == item["rgb"].dtype
+    assert list(obs["rgb"]) == ["top"]
+    assert obs["rgb"]["top"].shape == item["rgb"]["top"].shape[1:] and obs["rgb"]["top"].dtype == item["rgb"]["top"].dtype
     assert obs["low_dim"].shape == item["low_dim"].shape[1:] and obs["low_dim"].dtype == item["low_dim"].dtype
     np.testing.assert_array_equal(obs["low_dim"], item["low_dim"][-1])
-    np.testing.assert_array_equal(obs["rgb"], item["rgb"][-1])
+    np.testing.assert_array_equal(obs["rgb"]["top"], item["rgb"]["top"][-1])
     env.close()
 
     # The recorded actions replayed in a fresh env with the same seed reproduce the success.
@@ -76,14 +79,17 @@ def test_reader_without_cache_gives_the_same_items(expert) -> None:
     lazy = AlohaDataset(folder, ["top"], obs_horizon=2, chunk_size=5, cache_images=False)
     lazy = pickle.loads(pickle.dumps(lazy))  # as a DataLoader worker receives it
     for i in (0, 1, 217, 399):
-        np.testing.assert_array_equal(cached[i]["rgb"], lazy[i]["rgb"])
+        assert list(cached[i]["rgb"]) == list(lazy[i]["rgb"]) == ["top"]
+        np.testing.assert_array_equal(cached[i]["rgb"]["top"], lazy[i]["rgb"]["top"])
 
 
 def test_env_spaces_seeding_truncation_and_video() -> None:
     env = AlohaEnv("insertion", cams=("top", "angle"), image_size=(24, 32), max_episode_steps=3, render_video=True,
                    video_size=(30, 40))
     obs, info = env.reset(seed=7)
-    assert env.observation_space.contains(obs) and obs["rgb"].shape == (2, 24, 32, 3)
+    assert env.observation_space.contains(obs) and list(obs["rgb"]) == ["top", "angle"]
+    assert all(image.shape == (24, 32, 3) for image in obs["rgb"].values())
+    assert not np.array_equal(obs["rgb"]["top"], obs["rgb"]["angle"]), "each camera renders its own view"
     assert info["frame"].shape == (30, 40, 3) and info["frame"].dtype == np.uint8
     pose = env.object_pose
     assert pose.shape == (14,)
@@ -125,13 +131,14 @@ def test_env_runs_in_forked_workers() -> None:
     make_env = pickle.loads(pickle.dumps(make_env))
     in_parent = make_env()
     in_parent.reset(seed=0)  # this process renders before forking, as a script that first records demos does
-    venv = make_vec_env([make_env, make_env])
+    venv = make_vec_env([partial(ScheduledEnv, [make_env], [(0, seed)]) for seed in (3, 4)])
     try:
-        venv.seed(3)
-        obs = venv.reset()
-        assert obs["rgb"].shape == (2, 1, 24, 32, 3) and obs["low_dim"].shape == (2, 14)
+        obs = unflatten(venv.reset())
+        assert list(obs["rgb"]) == ["top"]
+        assert obs["rgb"]["top"].shape == (2, 24, 32, 3) and obs["low_dim"].shape == (2, 14)
         obs, _, dones, infos = venv.step(np.repeat(obs["low_dim"][:1], 2, axis=0))
-        assert obs["rgb"].dtype == np.uint8 and not dones.any() and all("is_success" in i for i in infos)
+        obs = unflatten(obs)
+        assert obs["rgb"]["top"].dtype == np.uint8 and not dones.any() and all("is_success" in i for i in infos)
     finally:
         venv.close()
         in_parent.close()

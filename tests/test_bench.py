@@ -26,3 +26,29 @@ def test_bench_train_infer_envs_write_tables(tmp_path, capsys):
     assert [r["mode"] for r in rows] == ["simulator alone", "policy in the loop"]
     assert all(r["env_steps_per_s"] > 0 for r in rows)
     assert rows[1]["exec"] == 8, "Diffusion Policy executes 8 actions of each chunk"
+
+
+def test_bench_camera_configs_name_the_data_cameras(tmp_path):
+    """Image configurations: synthetic items, the policy and the env all use the same camera names."""
+    from mimictest.data.pusht import CAMERA
+
+    assert bench.CONFIGS["dp-pusht-image-small"].cams == (CAMERA,)
+    item = bench.SyntheticWindows(bench.CONFIGS["dp-lift-image"], length=1)[0]
+    assert list(item["rgb"]) == ["agentview_image", "robot0_eye_in_hand_image"]
+    assert all(images.shape == (2, 84, 84, 3) and images.dtype == "uint8" for images in item["rgb"].values())
+
+    out = tmp_path / "train.json"
+    bench.main(["--device", "cpu", "--json", str(out), "train", "--config", "dp-pusht-image-small", "--batch", "2",
+                "--precision", "fp32", "--steps", "1", "--warmup", "0", "--workers", "0"])
+    assert all(r["samples_per_s"] > 0 for r in json.load(open(out))["rows"])
+
+    out = tmp_path / "infer.json"
+    bench.main(["--device", "cpu", "--json", str(out), "infer", "--config", "act-aloha-small", "--envs", "2",
+                "--precision", "fp32", "--repeats", "1"])
+    assert {(r["sampler"], r["batch"]) for r in json.load(open(out))["rows"]} == {("single pass", 1), ("single pass", 2)}
+
+    out = tmp_path / "envs.json"
+    bench.main(["--device", "cpu", "--json", str(out), "envs", "--env", "pusht", "--workers", "1", "--steps", "10",
+                "--min-seconds", "0"])
+    rows = json.load(open(out))["rows"]
+    assert [r["mode"] for r in rows] == ["simulator alone", "policy in the loop"] and all(r["env_steps_per_s"] > 0 for r in rows)

@@ -47,16 +47,18 @@ def test_window_index_padding():
 def test_robomimic_windows(tmp_path, first, cache_images):
     path = write_tiny(str(tmp_path / "tiny.hdf5"), first=first)
     ds = RobomimicDataset(path, ["cam_image"], ["a", "b"], obs_horizon=2, chunk_size=4, cache_images=cache_images)
-    assert len(ds) == 8 and ds.num_episodes == 2 and ds.image_size == (8, 8) and ds.absolute_actions
+    assert len(ds) == 8 and ds.num_episodes == 2 and ds.image_size == {"cam_image": (8, 8)} and ds.absolute_actions
+    assert ds.cams == ["cam_image"]
     item = ds[3]  # demo 1, t = 0
     assert item["action"].shape == (4, 7) and item["action"].dtype == np.float32
     assert item["action"][:, 0].tolist() == [100, 100, 101, 102]
     assert item["is_pad"].tolist() == [True, False, False, False]
     assert item["low_dim"].shape == (2, 5) and item["low_dim"][:, :2].tolist() == [[1, 0], [1, 0]]
-    assert item["rgb"].shape == (2, 1, 8, 8, 3) and item["rgb"].dtype == np.uint8
-    assert item["rgb"][:, 0, 0, 0, 0].tolist() == [10, 10]
+    assert list(item["rgb"]) == ["cam_image"]
+    assert item["rgb"]["cam_image"].shape == (2, 8, 8, 3) and item["rgb"]["cam_image"].dtype == np.uint8
+    assert item["rgb"]["cam_image"][:, 0, 0, 0].tolist() == [10, 10]
     item = ds[7]  # demo 1, t = 4 (last)
-    assert item["rgb"][:, 0, 0, 0, 0].tolist() == [13, 14]
+    assert item["rgb"]["cam_image"][:, 0, 0, 0].tolist() == [13, 14]
     assert item["is_pad"].tolist() == [False, False, True, True]
     assert ds.stats["action"]["min"] == [0.0] * 7 and ds.stats["action"]["max"] == [104.0] * 7
     assert ds.stats["low_dim"]["max"] == [1.0, 4.0, 1.0, 1.0, 1.0]
@@ -79,8 +81,10 @@ def test_bad_input_errors(tmp_path):
     path = write_tiny(str(tmp_path / "tiny.hdf5"))
     with pytest.raises(KeyError, match=r"no observation key\(s\) \['agentview_image'\].*available keys: \['a', 'b', 'cam_image'\]"):
         RobomimicDataset(path, ["agentview_image"], ["a"], 2, 4)
-    with pytest.raises(ValueError, match="has 8x8 images but the script expects 84x84"):
+    with pytest.raises(ValueError, match=r"has 8x8 cam_image images but the script expects 84x84; set IMAGE_SIZE = \(8, 8\)"):
         RobomimicDataset(path, ["cam_image"], [], 2, 4, image_size=(84, 84))
+    with pytest.raises(ValueError, match="has 8x8 cam_image images but the script expects 84x84"):
+        RobomimicDataset(path, ["cam_image"], [], 2, 4, image_size={"cam_image": (84, 84)})
     with h5py.File(path, "a") as f:
         f["data/demo_1/obs/a"][2, 0] = np.nan
     os.utime(path, (0, 12345))  # the cache is keyed on mtime: make sure the edit is seen

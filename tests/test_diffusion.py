@@ -89,19 +89,19 @@ def test_vision_encoder_shapes(size: int) -> None:
 
 
 def test_obs_encoder_modes() -> None:
-    rgb = torch.rand(2, T_OBS, 2, 3, 76, 76) * 2 - 1  # (B, T, cams, 3, H, W)
+    rgb = {cam: torch.rand(2, T_OBS, 3, 76, 76) * 2 - 1 for cam in ("left", "right")}  # {cam: (B, T, 3, H, W)}
     low_dim = torch.randn(2, T_OBS, LOW_DIM)
 
-    rgb_only = ObsEncoder(num_cams=2, low_dim_dim=0)
+    rgb_only = ObsEncoder(["left", "right"], low_dim_dim=0)
     assert rgb_only.out_dim == 128
     assert rgb_only({"rgb": rgb}).shape == (2, T_OBS, 128)
 
-    low_only = ObsEncoder(num_cams=0, low_dim_dim=LOW_DIM)
+    low_only = ObsEncoder([], low_dim_dim=LOW_DIM)
     assert low_only.out_dim == LOW_DIM
     assert torch.equal(low_only({"low_dim": low_dim}), low_dim)
 
-    both = ObsEncoder(num_cams=1, low_dim_dim=LOW_DIM).to(memory_format=torch.channels_last)
-    out = both({"rgb": rgb[:, :, :1], "low_dim": low_dim})
+    both = ObsEncoder(["left"], low_dim_dim=LOW_DIM).to(memory_format=torch.channels_last)
+    out = both({"rgb": {"left": rgb["left"]}, "low_dim": low_dim})
     assert out.shape == (2, T_OBS, 64 + LOW_DIM)
     assert torch.equal(out[..., 64:], low_dim)
 
@@ -112,7 +112,7 @@ def test_obs_encoder_modes() -> None:
 def test_policy_overfits_and_samples_in_range() -> None:
     torch.manual_seed(0)
     batch, target = toy_batch()
-    enc, net = ObsEncoder(0, LOW_DIM), tiny_unet()
+    enc, net = ObsEncoder([], LOW_DIM), tiny_unet()
     policy = DiffusionPolicy(enc, net, ACT, CHUNK, sampler="ddpm", prediction_type="epsilon")
     losses = train(policy, batch, steps=250)
     assert sum(losses[-20:]) / 20 < 0.25 * sum(losses[:20]) / 20
@@ -131,7 +131,7 @@ def test_policy_overfits_and_samples_in_range() -> None:
 def test_sample_prediction_reaches_target(sampler: str) -> None:
     torch.manual_seed(0)
     batch, target = toy_batch()
-    policy = DiffusionPolicy(ObsEncoder(0, LOW_DIM), tiny_unet(), ACT, CHUNK, sampler=sampler, prediction_type="sample")
+    policy = DiffusionPolicy(ObsEncoder([], LOW_DIM), tiny_unet(), ACT, CHUNK, sampler=sampler, prediction_type="sample")
     train(policy, batch, steps=100)
     out = policy.eval().predict({"low_dim": batch["low_dim"]})
     assert (out - target).abs().mean() < 0.05
@@ -139,7 +139,7 @@ def test_sample_prediction_reaches_target(sampler: str) -> None:
 
 def test_mask_padding() -> None:
     batch, _ = toy_batch(4)
-    policy = DiffusionPolicy(ObsEncoder(0, LOW_DIM), tiny_unet(), ACT, CHUNK, mask_padding=True)
+    policy = DiffusionPolicy(ObsEncoder([], LOW_DIM), tiny_unet(), ACT, CHUNK, mask_padding=True)
     with pytest.raises(ValueError, match="is_pad"):
         policy.compute_loss(batch)
     batch["is_pad"] = torch.zeros(4, CHUNK, dtype=torch.bool)
@@ -153,10 +153,10 @@ def test_mask_padding() -> None:
 
 def test_bf16_autocast() -> None:
     torch.manual_seed(0)
-    enc = ObsEncoder(num_cams=1, low_dim_dim=LOW_DIM)
+    enc = ObsEncoder(["cam"], low_dim_dim=LOW_DIM)
     net = tiny_unet(cond_dim=T_OBS * enc.out_dim)
     batch = {
-        "rgb": torch.rand(2, T_OBS, 1, 3, 76, 76) * 2 - 1,
+        "rgb": {"cam": torch.rand(2, T_OBS, 3, 76, 76) * 2 - 1},
         "low_dim": torch.randn(2, T_OBS, LOW_DIM),
         "action": torch.rand(2, CHUNK, ACT) * 2 - 1,
     }
@@ -174,13 +174,13 @@ def test_bf16_autocast() -> None:
 def test_cpu_sampling_encodes_in_bf16_and_denoises_in_fp32() -> None:
     """Under a bf16 autocast on the CPU, the ResNet runs in bf16 and every UNet pass in fp32."""
     torch.manual_seed(0)
-    enc = ObsEncoder(num_cams=1, low_dim_dim=LOW_DIM)
+    enc = ObsEncoder(["cam"], low_dim_dim=LOW_DIM)
     net = tiny_unet(cond_dim=T_OBS * enc.out_dim)
     policy = DiffusionPolicy(enc, net, ACT, CHUNK, sampler="ddim", num_inference_steps=3).eval()
     seen: dict[str, list] = {"encoder": [], "unet": []}
     enc.cams[0].register_forward_hook(lambda m, i, o: seen["encoder"].append(o.dtype))
     net.register_forward_hook(lambda m, i, o: seen["unet"].append((torch.is_autocast_enabled("cpu"), o.dtype, i[2].dtype)))
-    obs = {"rgb": torch.rand(2, T_OBS, 1, 3, 76, 76) * 2 - 1, "low_dim": torch.randn(2, T_OBS, LOW_DIM)}
+    obs = {"rgb": {"cam": torch.rand(2, T_OBS, 3, 76, 76) * 2 - 1}, "low_dim": torch.randn(2, T_OBS, LOW_DIM)}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = policy.predict(obs)
         assert torch.is_autocast_enabled("cpu")  # restored for the caller

@@ -10,12 +10,12 @@ import pymunk
 import pytest
 import zarr
 
-from mimictest.data.pusht import PushTDataset
+from mimictest.data.pusht import CAMERA, PushTDataset
 from mimictest.data.pusht_writer import PushTZarrWriter
 from mimictest.demos.__main__ import main as demos_main
 from mimictest.demos.pusht import generate_pusht_demos, pose_error
 from mimictest.envs.pusht import BLOCK_KEYPOINTS, GOAL_POSE, PushTEnv, block_keypoints, import_gym_pusht
-from mimictest.envs.vector import make_vec_env
+from mimictest.envs.vector import ScheduledEnv, make_vec_env, unflatten
 
 SEED = 3
 
@@ -103,11 +103,14 @@ def test_reader_image_windows(expert_zarr, uint8_zarr, cache_images):
     ds = PushTDataset(path, "image", obs_horizon=2, chunk_size=16, cache_images=cache_images)
     ds8 = PushTDataset(uint8_zarr, "image", obs_horizon=2, chunk_size=16, cache_images=cache_images)
     assert len(ds) == ends[-1] and ds.num_episodes == 2 and ds.image_size == (96, 96) and ds.low_dim_dim == 2
+    assert CAMERA == "image" and ds.cams == [CAMERA]
     first = int(ends[0])
     item = ds[first]  # episode 1, t = 0: history and the first action padded
-    assert item["rgb"].shape == (2, 1, 96, 96, 3) and item["rgb"].dtype == np.uint8
-    assert np.array_equal(item["rgb"][0, 0], root["data/img"][first].astype(np.uint8))
-    assert np.array_equal(item["rgb"][0], item["rgb"][1])
+    assert list(item["rgb"]) == [CAMERA]
+    image = item["rgb"][CAMERA]
+    assert image.shape == (2, 96, 96, 3) and image.dtype == np.uint8
+    assert np.array_equal(image[0], root["data/img"][first].astype(np.uint8))
+    assert np.array_equal(image[0], image[1])
     assert item["low_dim"].shape == (2, 2) and item["low_dim"].dtype == np.float32
     np.testing.assert_array_equal(item["low_dim"][1], root["data/state"][first, :2])
     assert item["action"].shape == (16, 2) and item["is_pad"].tolist() == [True] + [False] * 15
@@ -116,19 +119,20 @@ def test_reader_image_windows(expert_zarr, uint8_zarr, cache_images):
     assert last["is_pad"].tolist() == [False, False] + [True] * 14
     np.testing.assert_array_equal(last["action"][2:], np.repeat(root["data/action"][first - 1 : first], 14, 0))
     for i in (0, first - 1, first, len(ds) - 1):
-        assert all(np.array_equal(ds[i][k], ds8[i][k]) for k in ("rgb", "low_dim", "action", "is_pad"))
+        assert all(np.array_equal(ds[i][k], ds8[i][k]) for k in ("low_dim", "action", "is_pad"))
+        assert list(ds8[i]["rgb"]) == [CAMERA] and np.array_equal(ds[i]["rgb"][CAMERA], ds8[i]["rgb"][CAMERA])
     action = root["data/action"][:]
     np.testing.assert_allclose(ds.stats["action"]["min"], action.min(0), rtol=1e-6)
     np.testing.assert_allclose(ds.stats["low_dim"]["max"], root["data/state"][:, :2].max(0), rtol=1e-6)
     assert os.path.isfile(path + ".mimictest-stats.json")
-    assert pickle.loads(pickle.dumps(ds))[3]["rgb"].shape == (2, 1, 96, 96, 3)
+    assert pickle.loads(pickle.dumps(ds))[3]["rgb"][CAMERA].shape == (2, 96, 96, 3)
 
 
 def test_reader_keypoint_windows(expert_zarr):
     path = expert_zarr[0]
     root = zarr.open_group(path, mode="r")
     ds = PushTDataset(path, "keypoint", obs_horizon=2, chunk_size=8)
-    assert ds.low_dim_dim == 20 and ds.image_size is None and ds.rgb is None
+    assert ds.low_dim_dim == 20 and ds.image_size is None and ds.cams == []
     item = ds[5]
     assert set(item) == {"action", "is_pad", "low_dim"} and item["low_dim"].shape == (2, 20)
     np.testing.assert_array_equal(item["low_dim"][1, :18], root["data/keypoint"][5].ravel())
@@ -151,8 +155,9 @@ def test_env_observations_match_dataset(expert_zarr, obs_mode):
         row = ds[t]
         np.testing.assert_array_equal(obs["low_dim"], row["low_dim"][0])
         if obs_mode == "image":
-            assert obs["rgb"].shape == (1, 96, 96, 3) and obs["rgb"].dtype == np.uint8
-            assert np.array_equal(obs["rgb"], row["rgb"][0])
+            assert list(obs["rgb"]) == [CAMERA]
+            assert obs["rgb"][CAMERA].shape == (96, 96, 3) and obs["rgb"][CAMERA].dtype == np.uint8
+            assert np.array_equal(obs["rgb"][CAMERA], row["rgb"][CAMERA][0])
         obs, reward, terminated, truncated, info = env.step(row["action"][0])
         assert 0.0 <= info["score"] <= 1.0 and info["is_success"] == terminated == (info["score"] > 0.95)
         assert not terminated or t == steps - 1, "the expert stops recording at success"
@@ -162,12 +167,19 @@ def test_env_observations_match_dataset(expert_zarr, obs_mode):
 
 def test_env_in_forked_workers():
     make_env = partial(PushTEnv, "image", max_episode_steps=3)
-    venv = make_vec_env([partial(pickle.loads(pickle.dumps(make_env)), render_video=False) for _ in range(2)])
+    fns = [partial(ScheduledEnv, [partial(pickle.loads(pickle.dumps(make_env)), render_video=False)], [(0, 100_000 + i)])
+           for i in range(2)]
+    venv = make_vec_env(fns)
     try:
-        venv.seed(100_000)
-        obs = venv.reset()
-        assert obs["rgb"].shape == (2, 1, 96, 96, 3) and obs["low_dim"].shape == (2, 2)
+        obs = unflatten(venv.reset())
+        assert list(obs["rgb"]) == [CAMERA]
+        assert obs["rgb"][CAMERA].shape == (2, 96, 96, 3) and obs["low_dim"].shape == (2, 2)
         assert not np.array_equal(obs["low_dim"][0], obs["low_dim"][1]), "workers should have different seeds"
+        alone = PushTEnv("image", max_episode_steps=3)
+        reference, _ = alone.reset(seed=100_001)
+        alone.close()
+        np.testing.assert_array_equal(obs["low_dim"][1], reference["low_dim"])  # the scheduled seed
+        np.testing.assert_array_equal(obs["rgb"][CAMERA][1], reference["rgb"][CAMERA])
         for _ in range(3):
             obs, _, dones, infos = venv.step(np.tile(GOAL_POSE[:2], (2, 1)))
         assert dones.all() and all(info["TimeLimit.truncated"] or info["is_success"] for info in infos)

@@ -117,11 +117,14 @@ def test_image_observation_is_upright_and_matches_space() -> None:
     assert not env.absolute
     obs, info = env.reset(seed=1)
     assert env.observation_space.contains(obs)
-    assert obs["rgb"].shape == (2, 32, 40, 3) and obs["rgb"].dtype == np.uint8
+    assert list(obs["rgb"]) == rgb_keys  # robomimic's obs keys name the cameras
+    assert all(image.shape == (32, 40, 3) and image.dtype == np.uint8 for image in obs["rgb"].values())
     assert info["frame"].shape == (48, 48, 3) and info["frame"].dtype == np.uint8
     raw = env.raw.sim.render(camera_name="agentview", height=32, width=40)
-    np.testing.assert_array_equal(obs["rgb"][0], raw[::-1])
-    assert not np.array_equal(obs["rgb"][0], raw)
+    np.testing.assert_array_equal(obs["rgb"]["agentview_image"], raw[::-1])
+    assert not np.array_equal(obs["rgb"]["agentview_image"], raw)
+    raw = env.raw.sim.render(camera_name="robot0_eye_in_hand", height=32, width=40)
+    np.testing.assert_array_equal(obs["rgb"]["robot0_eye_in_hand_image"], raw[::-1])
     obs, _, _, truncated, info = env.step(np.zeros(7))
     obs, _, _, truncated, info = env.step(np.zeros(7))
     assert env.observation_space.contains(obs) and truncated and "frame" in info

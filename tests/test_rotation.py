@@ -93,13 +93,37 @@ def test_preprocess_inverse_returns_original_actions():
 
 def test_preprocess_images_crop_and_size_check():
     stats = {"action": {"min": [-1.0] * 7, "max": [1.0] * 7}}
-    pre = Preprocessor(stats, ActionSpace(), image_size=(84, 84), crop_size=(76, 76))
-    rgb = torch.randint(0, 256, (2, 2, 3, 84, 84, 3), dtype=torch.uint8)
+    cams = ["left", "right", "wrist"]
+    pre = Preprocessor(stats, ActionSpace(), cams, image_size=(84, 84), crop_size=(76, 76))
+    rgb = {cam: torch.randint(0, 256, (2, 2, 84, 84, 3), dtype=torch.uint8) for cam in cams}  # {cam: (B, T, H, W, 3)}
     train = pre.images(rgb, train=True)
     evaluate = pre.images(rgb, train=False)
-    assert train.shape == evaluate.shape == (2, 2, 3, 3, 76, 76)
-    assert train.min() >= -1 and train.max() <= 1
-    expected = rgb[..., 4:80, 4:80, :].permute(0, 1, 2, 5, 3, 4).float() / 127.5 - 1
-    assert torch.allclose(evaluate, expected)
+    assert list(train) == list(evaluate) == cams
+    for cam in cams:
+        assert train[cam].shape == evaluate[cam].shape == (2, 2, 3, 76, 76) and pre.output_image_size(cam) == (76, 76)
+        assert train[cam].min() >= -1 and train[cam].max() <= 1
+        expected = rgb[cam][..., 4:80, 4:80, :].permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+        assert torch.allclose(evaluate[cam], expected)
     with pytest.raises(ValueError, match="expects 84x84"):
-        pre.images(torch.zeros(1, 1, 1, 96, 96, 3, dtype=torch.uint8), train=False)
+        pre.images({**rgb, "right": torch.zeros(1, 1, 96, 96, 3, dtype=torch.uint8)}, train=False)
+    with pytest.raises(ValueError, match=r"no images from camera\(s\) \['wrist'\]"):
+        pre.images({cam: rgb[cam] for cam in cams[:2]}, train=False)
+
+
+def test_preprocess_cameras_of_different_sizes():
+    stats = {"action": {"min": [-1.0] * 7, "max": [1.0] * 7}}
+    pre = Preprocessor(stats, ActionSpace(), ["top", "wrist"], image_size={"top": (84, 84), "wrist": (48, 64)},
+                       crop_size={"top": (76, 76), "wrist": None})
+    assert pre.output_image_size("top") == (76, 76) and pre.output_image_size("wrist") == (48, 64)
+    rgb = {"top": torch.randint(0, 256, (2, 1, 84, 84, 3), dtype=torch.uint8),
+           "wrist": torch.randint(0, 256, (2, 1, 48, 64, 3), dtype=torch.uint8)}
+    out = pre({"rgb": rgb}, train=True)["rgb"]
+    assert out["top"].shape == (2, 1, 3, 76, 76) and out["wrist"].shape == (2, 1, 3, 48, 64)
+    assert torch.allclose(out["wrist"], rgb["wrist"].permute(0, 1, 4, 2, 3).float() / 127.5 - 1)  # no crop: unchanged
+    with pytest.raises(ValueError, match="camera 'wrist' gives 84x84 images but this configuration expects 48x64"):
+        pre.images({"top": rgb["top"], "wrist": rgb["top"]}, train=False)
+    with pytest.raises(ValueError, match=r"no size for camera\(s\) \['wrist'\]"):
+        Preprocessor(stats, ActionSpace(), ["top", "wrist"], image_size={"top": (84, 84)})
+    with pytest.raises(ValueError, match="larger than camera 'wrist'"):
+        Preprocessor(stats, ActionSpace(), ["top", "wrist"], image_size={"top": (84, 84), "wrist": (48, 64)},
+                     crop_size=(76, 76))

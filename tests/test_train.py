@@ -40,6 +40,11 @@ def test_train_and_evaluate(demos, tmp_path):
     assert checkpoint.load(str(run / "last.pt"))["step"] == 10
     results = json.load(open(run / "eval_step10.json"))
     assert len(results["episodes"]) == 2 and all(e["length"] <= 15 for e in results["episodes"])
+    # One explicit seed per episode, from Evaluator.seed on; one task, so one per-task entry.
+    assert sorted(e["seed"] for e in results["episodes"]) == [100_000, 100_001]
+    assert {e["task"] for e in results["episodes"]} == {"lift"} and list(results["summary"]["tasks"]) == ["lift"]
+    lo, hi = results["summary"]["success_ci95"]
+    assert 0.0 <= lo <= results["summary"]["success_rate"] <= hi <= 100.0
     assert list((run / "videos" / "step10").glob("*.mp4")), "a rollout video should be written"
     metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [m["step"] for m in metrics if "loss" in m] == [5, 10]
@@ -96,8 +101,10 @@ def test_two_process_ddp_on_cpu(demos, tmp_path):
     assert "2 process(es) on cpu | global batch 32" in log
     summary = json.loads(log.split("SUMMARY ")[1].splitlines()[0])
     assert summary["episodes"] == 4
-    ranks = {e["rank"] for e in json.load(open(tmp_path / "tiny" / "eval_step10.json"))["episodes"]}
-    assert ranks == {0, 1}, "both processes should evaluate their share of the episodes"
+    episodes = json.load(open(tmp_path / "tiny" / "eval_step10.json"))["episodes"]
+    assert {e["rank"] for e in episodes} == {0, 1}, "both processes should evaluate their share of the episodes"
+    # The processes split one list of starts: every seed runs exactly once, as it would in one process.
+    assert sorted(e["seed"] for e in episodes) == [100_000, 100_001, 100_002, 100_003]
 
 
 def tiny_setup(demos):
@@ -110,7 +117,7 @@ def tiny_setup(demos):
     dataset = RobomimicDataset(demos, [], ["object", "robot0_eef_pos"], obs_horizon=2, chunk_size=8)
     preprocess = Preprocessor(dataset.stats, ActionSpace())
     net = ConditionalUnet1D(10, 2 * dataset.low_dim_dim, down_dims=(16, 32), diffusion_step_embed_dim=16)
-    return DiffusionPolicy(ObsEncoder(0, dataset.low_dim_dim), net, 10, 8), preprocess, dataset
+    return DiffusionPolicy(ObsEncoder([], dataset.low_dim_dim), net, 10, 8), preprocess, dataset
 
 
 def test_max_minutes_stops_and_saves(demos, tmp_path):

@@ -122,7 +122,7 @@ def test_optim_groups(n_cond_layers: int) -> None:
 def test_policy_trains_and_samples() -> None:
     torch.manual_seed(0)
     batch, _ = toy_batch(4)
-    encoder, net = ObsEncoder(0, LOW_DIM), tiny()
+    encoder, net = ObsEncoder([], LOW_DIM), tiny()
     policy = DiffusionPolicy(encoder, net, ACT, CHUNK)
     groups = net.optim_groups(1e-3) + [{"params": encoder.parameters(), "weight_decay": 1e-6}]
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
@@ -139,7 +139,7 @@ def test_policy_trains_and_samples() -> None:
 def test_bf16_autocast() -> None:
     torch.manual_seed(0)
     batch, _ = toy_batch(4)
-    policy = DiffusionPolicy(ObsEncoder(0, LOW_DIM), tiny(), ACT, CHUNK, sampler="ddim")
+    policy = DiffusionPolicy(ObsEncoder([], LOW_DIM), tiny(), ACT, CHUNK, sampler="ddim")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = policy(batch)["total_loss"]
         loss.backward()
@@ -164,7 +164,7 @@ def test_policy_overfits_toy_batch() -> None:
     """Epsilon prediction, as in the paper: the loss falls to ~0.15-0.3 of its start within 150 steps."""
     torch.manual_seed(0)
     batch, _ = toy_batch()
-    losses = fit(DiffusionPolicy(ObsEncoder(0, LOW_DIM), tiny(p_drop_attn=0.0), ACT, CHUNK), batch, 150, lr=2e-3)
+    losses = fit(DiffusionPolicy(ObsEncoder([], LOW_DIM), tiny(p_drop_attn=0.0), ACT, CHUNK), batch, 150, lr=2e-3)
     assert sum(losses[-20:]) / 20 < 0.4 * sum(losses[:5]) / 5
 
 
@@ -173,7 +173,7 @@ def test_sample_prediction_follows_observations() -> None:
     torch.manual_seed(0)
     batch, target = toy_batch()
     net = tiny(n_emb=64, n_head=4, p_drop_attn=0.0)
-    policy = DiffusionPolicy(ObsEncoder(0, LOW_DIM), net, ACT, CHUNK, sampler="ddim", prediction_type="sample")
+    policy = DiffusionPolicy(ObsEncoder([], LOW_DIM), net, ACT, CHUNK, sampler="ddim", prediction_type="sample")
     fit(policy, batch, 300, lr=1e-3)
     out = policy.eval().predict({"low_dim": batch["low_dim"]})
     assert (out - target).abs().mean() < 0.05  # ~0.006; ignoring the observations gives ~0.45

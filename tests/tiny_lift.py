@@ -14,7 +14,7 @@ from functools import partial
 
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.envs.robosuite import RobosuiteEnv
-from mimictest.evaluate import Evaluator
+from mimictest.evaluate import EvalTask, Evaluator
 from mimictest.nets.obs_encoder import ObsEncoder
 from mimictest.nets.unet1d import ConditionalUnet1D
 from mimictest.policies.diffusion import DiffusionPolicy
@@ -29,12 +29,12 @@ KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
 dataset = RobomimicDataset(DATASET, [], KEYS, obs_horizon=2, chunk_size=8)
 action_space = ActionSpace("axis_angle", "absolute")
 preprocess = Preprocessor(dataset.stats, action_space)
-encoder = ObsEncoder(num_cams=0, low_dim_dim=dataset.low_dim_dim)
+encoder = ObsEncoder([], low_dim_dim=dataset.low_dim_dim)
 net = ConditionalUnet1D(action_space.model_dim, 2 * encoder.out_dim, down_dims=(16, 32), diffusion_step_embed_dim=16)
 policy = DiffusionPolicy(encoder, net, action_space.model_dim, 8, sampler="ddim", num_inference_steps=3)
 make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=[], low_dim_keys=KEYS, max_episode_steps=15)
-evaluator = Evaluator(make_env, num_envs=2, num_episodes=EPISODES, obs_horizon=2, exec_start=1, exec_end=5, num_videos=1,
-                      temporal_ensemble=0.01 if EVAL_ONLY_ENSEMBLE else None)
+evaluator = Evaluator(tasks=[EvalTask("lift", make_env, EPISODES)], num_envs=2, obs_horizon=2, exec_start=1, exec_end=5,
+                      num_videos=1, temporal_ensemble=0.01 if EVAL_ONLY_ENSEMBLE else None)
 summary = train(policy, preprocess, dataset, TrainConfig(
     run_name="tiny", max_steps=MAX_STEPS, batch_size=16, warmup_steps=5, num_workers=0,
     log_every=5, save_every=5, save_root=SAVE_ROOT, eval_only=EVAL_ONLY_ENSEMBLE,

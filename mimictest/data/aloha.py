@@ -103,21 +103,21 @@ def _camera_names(path: str) -> list[str]:
         return sorted(f["observations/images"].keys()) if "observations/images" in f else []
 
 
-def _load_images(paths: list[str], cams: list[str], episode_ends: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Every image of every episode, filled into one preallocated ``(N, cams, H, W, 3)`` uint8 array."""
-    rgb = np.empty((episode_ends[-1], len(cams), *size, 3), dtype=np.uint8)
+def _load_images(paths: list[str], cams: list[str], episode_ends: np.ndarray, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Every image of every episode, filled into one preallocated ``(N, H, W, 3)`` uint8 array per camera."""
+    rgb = {cam: np.empty((episode_ends[-1], *size, 3), dtype=np.uint8) for cam in cams}
     for path, lo, hi in zip(paths, np.concatenate(([0], episode_ends[:-1])), episode_ends):
         with _open(path) as f:
-            for c, cam in enumerate(cams):
-                rgb[lo:hi, c] = f[f"observations/images/{cam}"][()]
+            for cam in cams:
+                rgb[cam][lo:hi] = f[f"observations/images/{cam}"][()]
     return rgb
 
 
 class _LazyImages:
-    """Reads image rows from the episode files on demand (file handles opened per DataLoader worker)."""
+    """Reads one camera's image rows from the episode files on demand (file handles opened per DataLoader worker)."""
 
-    def __init__(self, paths: list[str], cams: list[str], episode_ends: np.ndarray) -> None:
-        self.paths, self.cams = paths, cams
+    def __init__(self, paths: list[str], cam: str, episode_ends: np.ndarray) -> None:
+        self.paths, self.cam = paths, cam
         self.starts = np.concatenate(([0], episode_ends[:-1]))
         self._files: dict[int, h5py.File] = {}
         self._pid = -1
@@ -131,8 +131,7 @@ class _LazyImages:
         images = self._files[episode]["observations/images"]
         local = rows - self.starts[episode]
         lo, hi = int(local.min()), int(local.max()) + 1
-        # (T_obs, cams, H, W, 3): read the contiguous span once, then pick the (padded) rows.
-        return np.stack([images[cam][lo:hi][local - lo] for cam in self.cams], axis=1)
+        return images[self.cam][lo:hi][local - lo]  # (T_obs, H, W, 3): the contiguous span once, then the (padded) rows
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": {}, "_pid": -1}
@@ -188,14 +187,11 @@ class AlohaDataset(WindowDataset):
                 f"{folder!r}: episodes have different image sizes {sorted(sizes)}; regenerate them at one size"
             )
         self.image_size: tuple[int, int] | None = sizes.pop()
-        rgb = None
-        if cams:
-            if cache_images:
-                rgb = _load_images(self.paths, cams, episode_ends, self.image_size)  # (N, cams, H, W, 3)
-            else:
-                rgb = _LazyImages(self.paths, cams, episode_ends)
+        if cache_images:
+            rgb = _load_images(self.paths, cams, episode_ends, self.image_size)  # {cam: (N, H, W, 3)}
+        else:
+            rgb = {cam: _LazyImages(self.paths, cam, episode_ends) for cam in cams}
         super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb)
-        self.cams = cams
         arrays = {"action": action, "qpos": low_dim}
         stats = cached_stats(folder, list(arrays), lambda key: array_stats(arrays[key]))
         self.stats = {"action": stats["action"], "low_dim": stats["qpos"]}

@@ -9,11 +9,22 @@ pass-through with the same interface and the same timing.
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]  # tensors, nested dicts of tensors (per-camera ``rgb``) and lists of strings (``lang``)
+
+
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor in a (nested) dict or list batch; other leaves (strings) pass through."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
 
 
 class Prefetcher:
@@ -42,19 +53,19 @@ class Prefetcher:
     def _preload(self) -> None:
         batch = self._fetch()
         with torch.cuda.stream(self.stream):
-            self._next = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            self._next = map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
 
     def __iter__(self) -> "Prefetcher":
         return self
 
     def __next__(self) -> Batch:
         if not self.cuda:
-            return {k: v.to(self.device) for k, v in self._fetch().items()}
+            return map_tensors(self._fetch(), lambda t: t.to(self.device))
         start = time.perf_counter()
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         batch = self._next
-        for value in batch.values():  # the caching allocator must not reuse these on the side stream
-            value.record_stream(torch.cuda.current_stream(self.device))
+        # The caching allocator must not reuse these on the side stream.
+        map_tensors(batch, lambda t: t.record_stream(torch.cuda.current_stream(self.device)))
         self.wait_seconds += time.perf_counter() - start
         self._preload()
         return batch

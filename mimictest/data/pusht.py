@@ -10,7 +10,7 @@ The layout (Chi et al., RSS 2023, github.com/real-stanford/diffusion_policy; wri
     meta/episode_ends (E,)            exclusive end row of each episode
 
 Observations follow diffusion_policy's PushT datasets: ``obs_mode="image"`` gives
-``rgb`` ``(T_obs, 1, 96, 96, 3)`` uint8 and ``low_dim`` = agent_pos ``state[:, :2]``
+``rgb`` ``{"image": (T_obs, 96, 96, 3)}`` uint8 and ``low_dim`` = agent_pos ``state[:, :2]``
 (``PushTImageDataset``); ``obs_mode="keypoint"`` gives ``low_dim`` = keypoints flattened (18) then
 agent_pos (2) (``PushTLowdimDataset``, 20-d). Statistics are cached beside the zarr folder.
 """
@@ -27,6 +27,7 @@ from mimictest.data.stats import Stats, array_stats, cached_stats, concat_stats
 from mimictest.data.windows import WindowDataset, check_episode_ends
 
 OBS_MODES = ("image", "keypoint")
+CAMERA = "image"  # the camera's name in batches and env observations (diffusion_policy's obs key)
 HOW_TO_GET = (
     "generate demos with `python -m mimictest.demos pusht --episodes 200 --out PATH`, or download "
     "diffusion_policy's https://diffusion-policy.cs.columbia.edu/data/training/pusht.zip and use "
@@ -98,8 +99,7 @@ class _LazyImages:
             numcodecs.blosc.use_threads = False  # Blosc's threads are not fork-safe
             self._array, self._pid = zarr.open_group(self.path, mode="r")["data"]["img"], os.getpid()
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        images = _to_uint8(self._array[lo:hi], f"{self.path!r} data/img")[rows - lo]  # (T_obs, H, W, 3)
-        return images[:, None]  # (T_obs, 1, H, W, 3)
+        return _to_uint8(self._array[lo:hi], f"{self.path!r} data/img")[rows - lo]  # (T_obs, H, W, 3)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_array": None, "_pid": -1}
@@ -147,12 +147,13 @@ class PushTDataset(WindowDataset):
             self.image_size = tuple(images.shape[1:3])
             _to_uint8(images[: int(episode_ends[0])], f"{path!r} data/img")  # rejects [0, 1] floats early
             if cache_images:
-                rgb = np.empty((*images.shape[:1], 1, *images.shape[1:]), dtype=np.uint8)  # (N, 1, H, W, 3)
+                cached = np.empty(images.shape, dtype=np.uint8)  # (N, H, W, 3)
                 for lo in range(0, len(images), IMAGE_READ_ROWS):
                     rows = slice(lo, lo + IMAGE_READ_ROWS)
-                    rgb[rows, 0] = _to_uint8(images[rows], f"{path!r} data/img")
+                    cached[rows] = _to_uint8(images[rows], f"{path!r} data/img")
+                rgb = {CAMERA: cached}
             else:
-                rgb = _LazyImages(path)
+                rgb = {CAMERA: _LazyImages(path)}
             low_dim = agent_pos
         else:
             keypoints = arrays["keypoint"][:].astype(np.float32)

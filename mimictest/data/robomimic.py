@@ -25,6 +25,7 @@ import numpy as np
 
 from mimictest.data.stats import Stats, array_stats, cached_stats, concat_stats
 from mimictest.data.windows import WindowDataset
+from mimictest.preprocess import per_camera
 
 
 def _demo_sort_key(name: str) -> int:
@@ -86,10 +87,10 @@ def _file_stats(path: str, datasets: list[str]) -> dict[str, Stats]:
 
 
 class _LazyImages:
-    """Reads image rows from the hdf5 on demand (one file handle per DataLoader worker)."""
+    """Reads one camera's image rows from the hdf5 on demand (one file handle per DataLoader worker)."""
 
-    def __init__(self, path: str, names: list[str], keys: list[str], episode_ends: np.ndarray) -> None:
-        self.path, self.names, self.keys = path, names, keys
+    def __init__(self, path: str, names: list[str], key: str, episode_ends: np.ndarray) -> None:
+        self.path, self.names, self.key = path, names, key
         self.starts = np.concatenate(([0], episode_ends[:-1]))
         self._file: h5py.File | None = None
         self._pid = -1
@@ -101,8 +102,7 @@ class _LazyImages:
         group = self._file[f"data/{self.names[demo]}/obs"]
         local = rows - self.starts[demo]
         lo, hi = int(local.min()), int(local.max()) + 1
-        # (T_obs, cams, H, W, 3): read the contiguous span once, then pick the (padded) rows.
-        return np.stack([group[k][lo:hi][local - lo] for k in self.keys], axis=1)
+        return group[self.key][lo:hi][local - lo]  # (T_obs, H, W, 3): the contiguous span once, then the (padded) rows
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None, "_pid": -1}
@@ -120,10 +120,11 @@ class RobomimicDataset(WindowDataset):
         filter_key: a ``mask/<filter_key>`` split such as ``"train"``, or ``None`` for every demo.
         cache_images: load every image into RAM as uint8 (fast; about
             ``steps * cams * H * W * 3`` bytes), or read them from the file per sample.
-        image_size: ``(H, W)`` the configuration expects; a file with other sizes is refused.
+        image_size: ``(H, W)`` the configuration expects (or ``{key: (H, W)}``); a file with other
+            sizes is refused.
 
     Attributes: ``env_meta`` (the parsed ``env_args``), ``stats`` (for ``Preprocessor``),
-    ``image_size``, ``absolute_actions`` (from the env's controller config).
+    ``image_size`` (``{key: (H, W)}``), ``absolute_actions`` (from the env's controller config).
     """
 
     def __init__(
@@ -155,24 +156,23 @@ class RobomimicDataset(WindowDataset):
                     [np.concatenate([f[f"data/{n}/obs/{k}"][()].reshape(len_, -1) for k in low_dim_keys], axis=1)
                      for n, len_ in zip(names, lengths)]
                 ).astype(np.float32)  # (N, D)
-            rgb = None
-            self.image_size = None
-            if rgb_keys:
-                shapes = {k: f[f"data/{names[0]}/obs/{k}"].shape[1:] for k in rgb_keys}
-                if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 3:
-                    raise ValueError(f"{path!r}: image keys must all be (H, W, 3) of one size, got {shapes}")
-                self.image_size = tuple(next(iter(shapes.values()))[:2])
-                if image_size is not None and tuple(image_size) != self.image_size:
+            rgb = {}
+            self.image_size = {}
+            for key in rgb_keys:
+                shape = f[f"data/{names[0]}/obs/{key}"].shape[1:]
+                if len(shape) != 3 or shape[2] != 3:
+                    raise ValueError(f"{path!r}: image key {key!r} must be (H, W, 3) per step, got {shape}")
+                self.image_size[key] = tuple(shape[:2])
+                expected = per_camera(image_size, list(rgb_keys), "IMAGE_SIZE")[key]
+                if expected is not None and expected != self.image_size[key]:
                     raise ValueError(
-                        f"{path!r} has {self.image_size[0]}x{self.image_size[1]} images but the script expects "
-                        f"{image_size[0]}x{image_size[1]}; set IMAGE_SIZE = {self.image_size} in the script"
+                        f"{path!r} has {shape[0]}x{shape[1]} {key} images but the script expects "
+                        f"{expected[0]}x{expected[1]}; set IMAGE_SIZE = {tuple(shape[:2])} in the script"
                     )
                 if cache_images:
-                    rgb = np.concatenate(
-                        [np.stack([f[f"data/{n}/obs/{k}"][()] for k in rgb_keys], axis=1) for n in names]
-                    )  # (N, cams, H, W, 3) uint8
+                    rgb[key] = np.concatenate([f[f"data/{n}/obs/{key}"][()] for n in names])  # (N, H, W, 3) uint8
                 else:
-                    rgb = _LazyImages(path, names, list(rgb_keys), episode_ends)
+                    rgb[key] = _LazyImages(path, names, key, episode_ends)
         super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb)
         self.demo_names = names
         controller = self.env_meta.get("env_kwargs", {}).get("controller_configs", {})

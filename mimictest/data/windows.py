@@ -71,8 +71,17 @@ class WindowDataset(Dataset):
         episode_ends: exclusive end row of each episode.
         action: ``(N, A)`` float32.
         low_dim: ``(N, D)`` float32 or ``None``.
-        rgb: ``(N, cams, H, W, 3)`` uint8 array, or a callable ``rows -> (len(rows), cams, H, W, 3)``
-            for readers that load images lazily, or ``None``.
+        rgb: ``{camera: images}``, each ``(N, H_c, W_c, 3)`` uint8, or a callable
+            ``rows -> (len(rows), H_c, W_c, 3)`` for readers that load images lazily; cameras may
+            differ in size. ``None`` (or empty) for no images.
+        episode_task: ``(E,)`` int task id of each episode (an index into ``task_names``), for
+            multi-task data; ``None`` for single-task data.
+        task_names: the name of each task id.
+        episode_lang: ``E`` instruction strings, one per episode, or ``None``.
+
+    Items: ``{"action": (chunk, A), "is_pad": (chunk,), "low_dim": (T_obs, D),
+    "rgb": {camera: (T_obs, H_c, W_c, 3)}, "task": int64, "lang": str}``, each key only when the
+    data has it.
     """
 
     def __init__(
@@ -82,14 +91,32 @@ class WindowDataset(Dataset):
         chunk_size: int,
         action: np.ndarray,
         low_dim: np.ndarray | None = None,
-        rgb: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+        rgb: dict[str, np.ndarray | Callable[[np.ndarray], np.ndarray]] | None = None,
+        episode_task: np.ndarray | None = None,
+        task_names: list[str] | None = None,
+        episode_lang: list[str] | None = None,
     ) -> None:
         self.episode_ends = check_episode_ends(episode_ends, len(action))
-        for name, arr in (("low_dim", low_dim), ("rgb", rgb)):
+        rgb = dict(rgb or {})
+        for name, arr in (("low_dim", low_dim), *((f"rgb[{cam!r}]", a) for cam, a in rgb.items())):
             if isinstance(arr, np.ndarray) and len(arr) != len(action):
                 raise ValueError(f"{name} has {len(arr)} rows but action has {len(action)}; the file is inconsistent")
+        num_episodes = len(self.episode_ends)
+        if episode_task is not None:
+            episode_task = np.asarray(episode_task, dtype=np.int64)
+            if episode_task.shape != (num_episodes,) or task_names is None:
+                raise ValueError(f"episode_task must be ({num_episodes},) task ids with task_names, got shape "
+                                 f"{episode_task.shape} and task_names={task_names}")
+            if episode_task.min() < 0 or episode_task.max() >= len(task_names):
+                raise ValueError(f"episode_task has ids outside 0..{len(task_names) - 1} (task_names={task_names})")
+        if episode_lang is not None and len(episode_lang) != num_episodes:
+            raise ValueError(f"episode_lang has {len(episode_lang)} instructions for {num_episodes} episodes")
         self.index = WindowIndex(self.episode_ends, obs_horizon, chunk_size)
+        lengths = np.diff(np.concatenate(([0], self.episode_ends)))
+        self.row_episode = np.repeat(np.arange(num_episodes), lengths)  # (N,) episode of each row
         self.action, self.low_dim, self.rgb = action, low_dim, rgb
+        self.episode_task, self.episode_lang = episode_task, episode_lang
+        self.task_names = list(task_names) if task_names is not None else None
 
     @property
     def num_episodes(self) -> int:
@@ -100,15 +127,30 @@ class WindowDataset(Dataset):
         """``D`` of the low-dim observations (0 without them)."""
         return 0 if self.low_dim is None else self.low_dim.shape[1]
 
+    @property
+    def cams(self) -> list[str]:
+        """The cameras of ``rgb``, in order."""
+        return list(self.rgb)
+
+    @property
+    def instructions(self) -> list[str]:
+        """The distinct instructions, in order of first appearance (empty without instructions)."""
+        return list(dict.fromkeys(self.episode_lang or []))
+
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, i: int) -> dict:
         obs_rows, act_rows, is_pad = self.index[i]
         item = {"action": self.action[act_rows], "is_pad": is_pad}  # (chunk, A), (chunk,)
         if self.low_dim is not None:
             item["low_dim"] = self.low_dim[obs_rows]  # (T_obs, D)
-        if self.rgb is not None:
-            rgb = self.rgb(obs_rows) if callable(self.rgb) else self.rgb[obs_rows]
-            item["rgb"] = rgb  # (T_obs, cams, H, W, 3) uint8
+        if self.rgb:
+            item["rgb"] = {cam: images(obs_rows) if callable(images) else images[obs_rows]
+                           for cam, images in self.rgb.items()}  # {cam: (T_obs, H_c, W_c, 3) uint8}
+        episode = self.row_episode[i]
+        if self.episode_task is not None:
+            item["task"] = self.episode_task[episode]  # int64
+        if self.episode_lang is not None:
+            item["lang"] = self.episode_lang[episode]
         return item

@@ -32,6 +32,7 @@ import shapely.geometry as sg
 from tqdm import tqdm
 
 from mimictest.data.pusht_writer import PushTZarrWriter
+from mimictest.data.pusht import CAMERA
 from mimictest.envs.pusht import GOAL_POSE, PushTEnv, block_keypoints
 
 MAX_EPISODE_STEPS = 300  # diffusion_policy's PushT evaluation limit
@@ -281,7 +282,7 @@ def _run_episode(env: PushTEnv, episode_seed: int) -> tuple[bool, float, dict[st
     images, states, actions = [], [], []
     max_coverage, success = info["score"], False
     for _ in range(MAX_EPISODE_STEPS):
-        images.append(obs["rgb"][0])
+        images.append(obs["rgb"][CAMERA])
         states.append(env.state())
         action = expert.act().astype(np.float32)  # executed exactly as stored, so replays reproduce the episode
         actions.append(action)

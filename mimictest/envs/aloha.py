@@ -193,7 +193,7 @@ class EndEffectorSim:
 
 
 class AlohaEnv(gymnasium.Env):
-    """ALOHA transfer-cube or insertion with observations ``{"rgb": (cams, H, W, 3) uint8, "low_dim": (14,)}``.
+    """ALOHA transfer-cube or insertion with observations ``{"rgb": {cam: (H, W, 3) uint8}, "low_dim": (14,)}``.
 
     ``low_dim`` is the joint position ``qpos`` (ACT's observation); ``rgb`` is absent when ``cams`` is
     empty. ``terminated`` when the reward reaches 4; ``info["score"]`` is reward / 4. Stepping after
@@ -254,9 +254,10 @@ class AlohaEnv(gymnasium.Env):
         self._raw: dict[str, Any] = {}
         self._steps = 0
 
-        spaces: dict[str, gymnasium.spaces.Box] = {}
+        spaces: dict[str, gymnasium.spaces.Space] = {}
         if self.cams:
-            spaces["rgb"] = gymnasium.spaces.Box(0, 255, shape=(len(self.cams), *self.image_size, 3), dtype=np.uint8)
+            image = gymnasium.spaces.Box(0, 255, shape=(*self.image_size, 3), dtype=np.uint8)
+            spaces["rgb"] = gymnasium.spaces.Dict({cam: image for cam in self.cams})
         spaces["low_dim"] = gymnasium.spaces.Box(-np.inf, np.inf, shape=(ACTION_DIM,), dtype=np.float32)
         self.observation_space = gymnasium.spaces.Dict(spaces)
         # Arm joints within their actuators' ranges; grippers as normalised openings.
@@ -283,10 +284,10 @@ class AlohaEnv(gymnasium.Env):
         if self.render_video and self._video_camera is None:
             self._video_camera = mujoco.Camera(self._physics, *self.video_size, self._video_camera_name)
 
-    def _observation(self) -> dict[str, np.ndarray]:
-        obs = {"low_dim": self._raw["qpos"].astype(np.float32)}  # (14,)
+    def _observation(self) -> dict:
+        obs: dict = {"low_dim": self._raw["qpos"].astype(np.float32)}  # (14,)
         if self.cams:
-            obs["rgb"] = np.stack([self._raw["images"][cam] for cam in self.cams])  # (cams, H, W, 3)
+            obs["rgb"] = {cam: self._raw["images"][cam] for cam in self.cams}  # {cam: (H, W, 3)}
         return obs
 
     def _info(self, reward: float) -> dict[str, Any]:

@@ -62,6 +62,8 @@ import mujoco
 import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
+from mimictest.preprocess import per_camera
+
 # Meta-World 3.1.1's MT10 (``metaworld.env_dict.MT10_V3``), in its order.
 MT10_TASKS: list[str] = [
     "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
@@ -179,7 +181,8 @@ class MetaWorldEnv(gymnasium.Env):
     Args:
         task: a Meta-World 3 task name, e.g. ``"drawer-open-v3"`` (``TASKS``; MT10 is ``MT10_TASKS``).
         cams: cameras to render into ``obs["rgb"]`` (``CAMERAS``); ``()`` for low-dim observations only.
-        image_size: ``(H, W)`` of the observation images.
+        image_size: ``(H, W)`` of the observation images, or ``{camera: (H, W)}`` for cameras of
+            different sizes.
         max_episode_steps: truncation limit; ``None`` for Meta-World's ``max_path_length`` (500).
         render_video: add ``info["frame"]``, a ``(video_size, video_size, 3)`` uint8 render of the
             first camera (``corner`` when ``cams`` is empty).
@@ -196,7 +199,7 @@ class MetaWorldEnv(gymnasium.Env):
         self,
         task: str,
         cams: Sequence[str] = ("corner",),
-        image_size: tuple[int, int] = (84, 84),
+        image_size: tuple[int, int] | dict[str, tuple[int, int]] = (84, 84),
         max_episode_steps: int | None = None,
         render_video: bool = False,
         video_size: int = 256,
@@ -208,8 +211,9 @@ class MetaWorldEnv(gymnasium.Env):
             raise ValueError(f"render_quality must be one of {RENDER_QUALITIES}, got {render_quality!r}")
         self.render_quality = render_quality
         self.task, self.cams = task, check_cams(cams)
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        if min(self.image_size) <= 0:
+        self.image_sizes = {cam: (int(size[0]), int(size[1])) for cam, size in
+                            per_camera(image_size, list(self.cams), "image_size").items()}
+        if any(min(size) <= 0 for size in self.image_sizes.values()):
             raise ValueError(f"image_size must be positive (H, W), got {image_size}")
         env = ALL_V3_ENVIRONMENTS[task]()
         self.max_episode_steps = env.max_path_length if max_episode_steps is None else int(max_episode_steps)
@@ -228,7 +232,7 @@ class MetaWorldEnv(gymnasium.Env):
         self.video_cam = self.cams[0] if self.cams else "corner"
 
         model = env.model
-        sizes = [self.image_size] if self.cams else []
+        sizes = list(self.image_sizes.values())
         if render_video:
             sizes.append((self.video_size, self.video_size))
         if sizes:  # the offscreen buffer must hold the largest image
@@ -249,8 +253,8 @@ class MetaWorldEnv(gymnasium.Env):
 
         spaces: dict[str, gymnasium.spaces.Space] = {}
         if self.cams:
-            image = gymnasium.spaces.Box(0, 255, shape=(*self.image_size, 3), dtype=np.uint8)
-            spaces["rgb"] = gymnasium.spaces.Dict({cam: image for cam in self.cams})
+            spaces["rgb"] = gymnasium.spaces.Dict(
+                {cam: gymnasium.spaces.Box(0, 255, shape=(*size, 3), dtype=np.uint8) for cam, size in self.image_sizes.items()})
         spaces["low_dim"] = gymnasium.spaces.Box(-np.inf, np.inf, shape=(LOW_DIM,), dtype=np.float32)
         self.observation_space = gymnasium.spaces.Dict(spaces)
         self.action_space = gymnasium.spaces.Box(-1.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
@@ -283,7 +287,7 @@ class MetaWorldEnv(gymnasium.Env):
     def _observation(self) -> dict:
         obs: dict = {}
         if self.cams:
-            obs["rgb"] = {cam: self.render_camera(cam, self.image_size) for cam in self.cams}
+            obs["rgb"] = {cam: self.render_camera(cam, size) for cam, size in self.image_sizes.items()}
         obs["low_dim"] = self._full_state[:LOW_DIM].astype(np.float32)
         return obs
 

@@ -6,7 +6,7 @@ position in [0, 512]^2, success when the T covers more than 95% of the goal). Th
 diffusion_policy's (github.com/real-stanford/diffusion_policy) datasets, so that a policy trained on
 ``pusht_cchi_v7_replay.zarr`` sees the same inputs here:
 
-- ``obs_mode="image"``: ``{"rgb": (1, 96, 96, 3) uint8, "low_dim": (2,) agent_pos}``. The image is
+- ``obs_mode="image"``: ``{"rgb": {"image": (96, 96, 3) uint8}, "low_dim": (2,) agent_pos}``. The image is
   gym-pusht's 96x96 render (pygame canvas, ``cv2.resize``, no action marker), the renderer
   diffusion_policy's ``PushTImageEnv`` and its data collection use.
 - ``obs_mode="keypoint"``: ``{"low_dim": (20,)}``, the 9 block keypoints flattened then agent_pos,
@@ -26,6 +26,8 @@ from typing import Any
 
 import gymnasium
 import numpy as np
+
+from mimictest.data.pusht import CAMERA
 
 GOAL_POSE = np.array([256.0, 256.0, np.pi / 4])  # x, y, angle of the goal T (gym-pusht, diffusion_policy)
 IMAGE_SIZE = 96
@@ -93,9 +95,10 @@ class PushTEnv(gymnasium.Env):
             visualization_width=video_size,
             visualization_height=video_size,
         )
-        spaces: dict[str, gymnasium.spaces.Box] = {}
+        spaces: dict[str, gymnasium.spaces.Space] = {}
         if obs_mode == "image":
-            spaces["rgb"] = gymnasium.spaces.Box(0, 255, shape=(1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+            image = gymnasium.spaces.Box(0, 255, shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+            spaces["rgb"] = gymnasium.spaces.Dict({CAMERA: image})
         # Pixel coordinates, normally in [0, 512]; the disc is kinematic and can be driven past the walls.
         dim = 2 if obs_mode == "image" else BLOCK_KEYPOINTS.size + 2
         spaces["low_dim"] = gymnasium.spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
@@ -113,10 +116,10 @@ class PushTEnv(gymnasium.Env):
         agent, block = self._env.agent, self._env.block
         return np.array([agent.position.x, agent.position.y, block.position.x, block.position.y, block.angle])
 
-    def _observation(self, raw_obs: Any) -> dict[str, np.ndarray]:
+    def _observation(self, raw_obs: Any) -> dict:
         agent_pos = np.asarray(self._env.agent.position, dtype=np.float32)  # (2,)
         if self.obs_mode == "image":
-            return {"rgb": raw_obs["pixels"][None].copy(), "low_dim": agent_pos}  # (1, 96, 96, 3), (2,)
+            return {"rgb": {CAMERA: raw_obs["pixels"].copy()}, "low_dim": agent_pos}  # (96, 96, 3), (2,)
         keypoints = block_keypoints(self.state()[2:]).astype(np.float32).ravel()  # (18,)
         return {"low_dim": np.concatenate([keypoints, agent_pos])}  # (20,)
 

@@ -6,7 +6,7 @@ robosuite 1.2-1.4, whose arm controller configs are flat ``{"type": "OSC_POSE", 
 ``control_delta`` flag; robosuite 1.5 (https://github.com/ARISE-Initiative/robosuite) wants
 composite configs whose OSC parts read ``input_type`` / ``input_ref_frame`` instead. This module
 translates between the two and wraps the robosuite env as a gymnasium env following the mimictest
-observation convention ``{"rgb": (cams, H, W, 3) uint8, "low_dim": (D,) float32}``.
+observation convention ``{"rgb": {"<camera>_image": (H, W, 3) uint8}, "low_dim": (D,) float32}``.
 """
 
 from __future__ import annotations
@@ -194,6 +194,7 @@ class RobosuiteEnv(gymnasium.Env):
         self.absolute = controller_is_absolute(kwargs["controller_configs"])
 
         self._cameras = [key[: -len("_image")] for key in rgb_keys]
+        self._rgb_keys = list(rgb_keys)
         if image_size is None:
             height, width = kwargs.get("camera_heights", 84), kwargs.get("camera_widths", 84)
             height = height[0] if isinstance(height, (list, tuple)) else height
@@ -224,13 +225,12 @@ class RobosuiteEnv(gymnasium.Env):
         if unknown:
             raise KeyError(f"unknown low-dim keys {unknown} for {env_meta['env_name']}; available: {available}")
         self._low_dim_keys = list(low_dim_keys)
-        self._rgb_keys = list(rgb_keys)
         self._raw_low_dim = [_ROBOMIMIC_TO_ROBOSUITE.get(key, key) for key in low_dim_keys]
 
-        spaces: dict[str, gymnasium.spaces.Box] = {}
+        spaces: dict[str, gymnasium.spaces.Space] = {}
         if self._cameras:
-            shape = (len(self._cameras), *self.image_size, 3)
-            spaces["rgb"] = gymnasium.spaces.Box(0, 255, shape=shape, dtype=np.uint8)
+            image = gymnasium.spaces.Box(0, 255, shape=(*self.image_size, 3), dtype=np.uint8)
+            spaces["rgb"] = gymnasium.spaces.Dict({key: image for key in self._rgb_keys})
         if self._low_dim_keys:
             dim = sum(int(np.asarray(raw_obs[key]).size) for key in self._raw_low_dim)
             spaces["low_dim"] = gymnasium.spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
@@ -258,12 +258,11 @@ class RobosuiteEnv(gymnasium.Env):
         """Flip an OpenGL-convention (bottom-up) render upright. (H, W, 3) uint8."""
         return np.ascontiguousarray(image[::-1] if self._flip else image)
 
-    def _observation(self) -> dict[str, np.ndarray]:
+    def _observation(self) -> dict:
         """mimictest observation from the latest robosuite observation."""
-        obs: dict[str, np.ndarray] = {}
+        obs: dict = {}
         if self._cameras:
-            images = [self._upright(self._raw_obs[f"{cam}_image"]) for cam in self._cameras]
-            obs["rgb"] = np.stack(images)  # (cams, H, W, 3)
+            obs["rgb"] = {key: self._upright(self._raw_obs[key]) for key in self._rgb_keys}  # {key: (H, W, 3)}
         if self._raw_low_dim:
             obs["low_dim"] = np.concatenate(
                 [np.asarray(self._raw_obs[key], dtype=np.float32).ravel() for key in self._raw_low_dim]

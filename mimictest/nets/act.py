@@ -163,13 +163,18 @@ class Decoder(nn.Module):
 
 
 class ACT(nn.Module):
-    """`{"rgb": (B, 1, cams, 3, H, W), "low_dim": (B, 1, D)}` (+ actions when training) -> `(B, chunk, A)`.
+    """`{"rgb": {cam: (B, 1, 3, H_c, W_c)}, "low_dim": (B, 1, D), "lang_emb": (B, D_lang)}` -> `(B, chunk, A)`.
+
+    Actions are also given when training (the CVAE posterior needs them).
 
     Args:
         action_dim: `A`, e.g. 14 for ALOHA joints, 10 for robomimic end-effector actions.
         chunk_size: actions predicted per call (ACT: 100 at 50 Hz).
         low_dim_dim: `D` of the proprioceptive observation (0: no proprio token, no `low_dim` key).
-        num_cams: cameras in `rgb` (0: no `rgb` key; the encoder then sees only latent + proprio).
+        cams: camera names in `rgb` (empty: no `rgb` key; the encoder then sees only latent +
+            proprio). Cameras may differ in size; each gets its own token map.
+        lang_dim: `D_lang` of the instruction embedding, which becomes one more encoder token
+            (0: no instruction).
         shared_backbone: one ResNet-18 for every camera (ACT) or one per camera.
         backbone_norm, backbone_weights: see `mimictest.nets.vision.resnet18_trunk`; ACT: ``"frozen_batch"`` with ImageNet
             weights. With weights, images are normalised with ImageNet's mean and std.
@@ -183,7 +188,8 @@ class ACT(nn.Module):
         action_dim: int,
         chunk_size: int,
         low_dim_dim: int,
-        num_cams: int,
+        cams: list[str] | tuple[str, ...],
+        lang_dim: int = 0,
         shared_backbone: bool = True,
         backbone_norm: str = "group",
         backbone_weights: str | None = None,
@@ -199,28 +205,30 @@ class ACT(nn.Module):
         super().__init__()
         if action_dim < 1 or chunk_size < 1:
             raise ValueError(f"action_dim and chunk_size must be >= 1, got {action_dim} and {chunk_size}")
-        if num_cams < 0 or low_dim_dim < 0 or num_cams + low_dim_dim == 0:
+        cams = list(cams)
+        if low_dim_dim < 0 or lang_dim < 0 or len(cams) + low_dim_dim == 0:
             raise ValueError(
-                f"ACT needs num_cams >= 0, low_dim_dim >= 0 and at least one of them > 0; "
-                f"got num_cams={num_cams}, low_dim_dim={low_dim_dim}"
+                f"ACT needs cameras or low_dim_dim > 0, and lang_dim >= 0; got cams={cams}, low_dim_dim={low_dim_dim}, "
+                f"lang_dim={lang_dim}"
             )
         if d_model % nhead or d_model % 4:
             raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead} and by 4 (2D sine embedding)")
         self.action_dim, self.chunk_size = action_dim, chunk_size
-        self.low_dim_dim, self.num_cams = low_dim_dim, num_cams
+        self.low_dim_dim, self.cams, self.lang_dim = low_dim_dim, cams, lang_dim
         self.latent_dim, self.d_model = latent_dim, d_model
         stack = dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
 
         # Observation tokens.
-        num_backbones = 0 if num_cams == 0 else (1 if shared_backbone else num_cams)
+        num_backbones = 0 if not cams else (1 if shared_backbone else len(cams))
         self.backbones = nn.ModuleList(resnet18_trunk(backbone_norm, backbone_weights) for _ in range(num_backbones))
         self.imagenet_input = backbone_weights is not None
         self.register_buffer("imagenet_mean", torch.tensor([0.485, 0.456, 0.406])[:, None, None], persistent=False)
         self.register_buffer("imagenet_std", torch.tensor([0.229, 0.224, 0.225])[:, None, None], persistent=False)
-        self.image_proj = nn.Conv2d(512, d_model, kernel_size=1) if num_cams else None
+        self.image_proj = nn.Conv2d(512, d_model, kernel_size=1) if cams else None
         self.low_dim_proj = nn.Linear(low_dim_dim, d_model) if low_dim_dim else None
+        self.lang_proj = nn.Linear(lang_dim, d_model) if lang_dim else None
         self.latent_proj = nn.Linear(latent_dim, d_model)
-        self.token_pos = nn.Parameter(torch.randn(1 + (low_dim_dim > 0), d_model))  # latent, proprio
+        self.token_pos = nn.Parameter(torch.randn(1 + (low_dim_dim > 0) + (lang_dim > 0), d_model))  # latent, proprio, lang
         # Transformer.
         self.encoder = Encoder(num_encoder_layers, **stack)
         self.decoder = Decoder(num_decoder_layers, **stack)
@@ -255,34 +263,55 @@ class ACT(nn.Module):
             )
         return low_dim[:, 0]
 
-    def _rgb(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """`(B, 1, cams, 3, H, W)` -> `(B, cams, 3, H, W)`, or None without cameras."""
-        if not self.num_cams:
+    def _rgb(self, batch: dict) -> list[Tensor] | None:
+        """`{cam: (B, 1, 3, H_c, W_c)}` -> one `(B, 3, H_c, W_c)` per camera, or None without cameras."""
+        if not self.cams:
             return None
         rgb = batch.get("rgb")
-        if rgb is None or rgb.ndim != 6 or rgb.shape[1] != 1 or rgb.shape[2:4] != (self.num_cams, 3):
-            got = None if rgb is None else tuple(rgb.shape)
-            raise ValueError(
-                f"batch['rgb'] must be (B, 1, {self.num_cams}, 3, H, W) float in [-1, 1], got {got}; ACT sees one "
-                "observation step (OBS_HORIZON = 1): run the Preprocessor first and set num_cams to the camera count"
-            )
-        return rgb[:, 0]
+        if not isinstance(rgb, dict) or any(cam not in rgb for cam in self.cams):
+            got = sorted(rgb) if isinstance(rgb, dict) else type(rgb).__name__
+            raise ValueError(f"batch['rgb'] must be {{camera: (B, 1, 3, H, W)}} with cameras {self.cams}, got {got}; "
+                             "run the Preprocessor first and list the same cameras in both")
+        images = [rgb[cam] for cam in self.cams]
+        for cam, image in zip(self.cams, images):
+            if image.ndim != 5 or image.shape[1:3] != (1, 3):
+                raise ValueError(
+                    f"batch['rgb'][{cam!r}] must be (B, 1, 3, H, W) float in [-1, 1], got {tuple(image.shape)}; ACT "
+                    "sees one observation step (OBS_HORIZON = 1)"
+                )
+        return [image[:, 0] for image in images]
 
-    def image_tokens(self, rgb: Tensor) -> tuple[Tensor, Tensor]:
-        """`(B, cams, 3, H, W)` -> tokens `(B, cams * h * w, d)` and their position embedding `(cams * h * w, d)`."""
-        batch_size, cams = rgb.shape[:2]
+    def _lang(self, batch: dict) -> Tensor | None:
+        """`(B, D_lang)`, or None without instructions."""
+        if not self.lang_dim:
+            return None
+        lang = batch.get("lang_emb")
+        if lang is None or lang.ndim != 2 or lang.shape[1] != self.lang_dim:
+            got = None if lang is None else tuple(lang.shape)
+            raise ValueError(
+                f"this ACT is conditioned on instructions: batch['lang_emb'] must be (B, {self.lang_dim}), got {got}; "
+                "train on a dataset with instructions (a 'lang' per episode) or build it with lang_dim=0"
+            )
+        return lang
+
+    def image_tokens(self, rgb: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """One `(B, 3, H_c, W_c)` per camera -> tokens `(B, S_img, d)` and their position embedding `(S_img, d)`.
+
+        A shared backbone sees cameras of one size in one batch; each camera's token map has its
+        own 2D sine embedding.
+        """
         if self.imagenet_input:  # [-1, 1] -> ImageNet-normalised, what pretrained weights expect
-            rgb = ((rgb + 1) / 2 - self.imagenet_mean) / self.imagenet_std
-        if len(self.backbones) == 1:
-            feats = self.backbones[0](rgb.flatten(0, 1))  # (B * cams, 512, h, w)
-            feats = feats.unflatten(0, (batch_size, cams))  # (B, cams, 512, h, w)
+            rgb = [((image + 1) / 2 - self.imagenet_mean) / self.imagenet_std for image in rgb]
+        if len(self.backbones) == 1 and len({image.shape for image in rgb}) == 1:
+            feats = self.backbones[0](torch.cat(rgb)).chunk(len(rgb))  # cams x (B, 512, h, w)
         else:
-            feats = torch.stack([net(rgb[:, i]) for i, net in enumerate(self.backbones)], dim=1)
-        h, w = feats.shape[-2:]
-        tokens = self.image_proj(feats.flatten(0, 1))  # (B * cams, d, h, w)
-        tokens = tokens.flatten(2).transpose(1, 2).reshape(batch_size, cams * h * w, self.d_model)
-        pos = sinusoidal_2d(h, w, self.d_model, rgb.device).repeat(cams, 1)  # (cams * h * w, d)
-        return tokens, pos
+            feats = [self.backbones[i % len(self.backbones)](image) for i, image in enumerate(rgb)]
+        tokens, pos = [], []
+        for feat in feats:
+            h, w = feat.shape[-2:]
+            tokens.append(self.image_proj(feat).flatten(2).transpose(1, 2))  # (B, h * w, d)
+            pos.append(sinusoidal_2d(h, w, self.d_model, feat.device))  # (h * w, d)
+        return torch.cat(tokens, dim=1), torch.cat(pos)
 
     def encode_latent(self, low_dim: Tensor | None, action: Tensor, is_pad: Tensor) -> tuple[Tensor, Tensor]:
         """CVAE posterior from `action (B, chunk, A)` and `is_pad (B, chunk)` -> `mu, logvar (B, latent)` in fp32."""
@@ -306,8 +335,8 @@ class ACT(nn.Module):
         With `action (B, chunk, A)` and `is_pad (B, chunk)` the latent is sampled from the CVAE
         posterior (training); without them it is zero and `mu, logvar` are None (inference).
         """
-        low_dim, rgb = self._low_dim(batch), self._rgb(batch)
-        observed = rgb if rgb is not None else low_dim
+        low_dim, rgb, lang = self._low_dim(batch), self._rgb(batch), self._lang(batch)
+        observed = rgb[0] if rgb is not None else low_dim
         batch_size = observed.shape[0]
         if action is not None:
             if action.shape != (batch_size, self.chunk_size, self.action_dim):
@@ -326,6 +355,8 @@ class ACT(nn.Module):
         tokens = [self.latent_proj(latent)[:, None]]  # (B, 1, d)
         if low_dim is not None:
             tokens.append(self.low_dim_proj(low_dim)[:, None])  # (B, 1, d)
+        if lang is not None:
+            tokens.append(self.lang_proj(lang)[:, None])  # (B, 1, d)
         pos = [self.token_pos]
         if rgb is not None:
             image_tokens, image_pos = self.image_tokens(rgb)
