@@ -66,6 +66,9 @@ CONFIGS: dict[str, BenchConfig] = {
                                   {"down_dims": (64, 128, 256)}),
     "dp-lift-image": BenchConfig("diffusion-unet", ("agentview_image", "robot0_eye_in_hand_image"), (84, 84), (76, 76), 9, 7, "axis_angle", 2, 16, 64,
                                  {"down_dims": (256, 512, 1024)}),
+    # Script/DiffusionUNetImageMetaWorldMT10.py without its instruction embedding: corner camera + hand.
+    "dp-metaworld-image": BenchConfig("diffusion-unet", ("corner",), (84, 84), (76, 76), 4, 4, None, 2, 16, 32,
+                                      {"down_dims": (128, 256, 512)}),
     # LeRobot's default ACT configuration (chunk 100, batch 8) on ALOHA's 14-d joints, one 480x640 camera;
     # ACT's (and LeRobot's) ResNet-18 has frozen BatchNorm.
     "act-aloha": BenchConfig("act", ("top",), (480, 640), None, 14, 14, None, 1, 100, 8, {"backbone_norm": "frozen_batch"}),
@@ -346,7 +349,12 @@ def _env_factory(name: str) -> tuple[Callable, BenchConfig, tuple[list[float], l
         size = (120, 160) if small else (480, 640)
         return (partial(AlohaEnv, task="transfer_cube", cams=("top",), image_size=size, max_episode_steps=10**9),
                 CONFIGS["act-aloha-small" if small else "act-aloha"], ([-0.5] * 14, [0.5] * 14))
-    raise SystemExit(f"unknown env {name!r}; choose from lift-lowdim, lift-image, pusht, aloha, aloha-small")
+    if name == "metaworld":
+        from mimictest.envs.metaworld import MetaWorldEnv
+
+        return (partial(MetaWorldEnv, "drawer-open-v3", cams=("corner",), image_size=(84, 84), max_episode_steps=10**9),
+                CONFIGS["dp-metaworld-image"], ([-1.0] * 4, [1.0] * 4))
+    raise SystemExit(f"unknown env {name!r}; choose from lift-lowdim, lift-image, pusht, aloha, aloha-small, metaworld")
 
 
 def cmd_envs(args: argparse.Namespace) -> list[dict]:
