@@ -21,13 +21,12 @@ restore ACT's values and run:
 
 from functools import partial
 
-# Before dm_control (imported by the ALOHA modules): loading torchvision's triton after dm_control's EGL segfaults.
-from mimictest.nets.act import ACT
 from mimictest.data.aloha import AlohaDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.aloha import generate_aloha_demos
 from mimictest.envs.aloha import AlohaEnv
 from mimictest.evaluate import EvalTask, Evaluator
+from mimictest.nets.act import ACT
 from mimictest.policies.act import ACTPolicy
 from mimictest.preprocess import ActionSpace, Preprocessor
 from mimictest.train import TrainConfig, train

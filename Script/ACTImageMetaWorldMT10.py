@@ -13,13 +13,12 @@ task is evaluated from fixed starts (seeds 100000 ..) with a per-task success ta
 
 from functools import partial
 
-# Before dm_control or MuJoCo's EGL context: loading torchvision's triton afterwards segfaults.
-from mimictest.nets.act import ACT
 from mimictest.data.metaworld import MetaWorldDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.metaworld import generate_metaworld_demos
 from mimictest.envs.metaworld import MT10_TASKS, MetaWorldEnv, instruction
 from mimictest.evaluate import EvalTask, Evaluator
+from mimictest.nets.act import ACT
 from mimictest.policies.act import ACTPolicy
 from mimictest.preprocess import Preprocessor
 from mimictest.text import TextEncoder

@@ -243,7 +243,8 @@ class Evaluator:
         # (num_envs, T_obs, ...): the newest observation last; a reset fills the whole window.
         history = new_history(obs, self.obs_horizon)
         queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
-        ensemblers = [TemporalEnsembler(self.temporal_ensemble) for _ in range(num_envs)] if self.temporal_ensemble else None
+        ensemblers = ([TemporalEnsembler(self.temporal_ensemble) for _ in range(num_envs)]
+                      if self.temporal_ensemble is not None else None)
         last: list[np.ndarray] = [np.empty(0)] * num_envs  # each worker's action this step (model space if ensembling)
         steps, score_max = np.zeros(num_envs, int), np.full(num_envs, -np.inf)
         frames: list[np.ndarray] = []

@@ -103,14 +103,16 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
         raise ValueError(f"the dataset has {len(dataset)} samples, fewer than batch_size={cfg.batch_size}; lower BATCH_SIZE")
     if evaluator is not None:
         evaluator.check(getattr(dataset, "task_names", None), instructions=preprocess.lang_dim > 0)
-
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
-    loader = accelerator.prepare_data_loader(loader, device_placement=False)
     policy.to(device)
     if cfg.channels_last:
         policy.to(memory_format=torch.channels_last)
     preprocess.to(device)
+    if cfg.eval_only:
+        return _evaluate_checkpoint(accelerator, evaluator, policy, preprocess, cfg, run_dir, log)
+
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    loader = accelerator.prepare_data_loader(loader, device_placement=False)
     optimizer = torch.optim.AdamW(param_groups or policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                   fused=True)  # one kernel per step, on CPU too: 10x faster than foreach there
     warmup = max(cfg.warmup_steps, 1)
@@ -130,8 +132,6 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
         if accelerator.is_main_process:
             checkpoint.set_rng_state(state["rng"])
         log.print(f"resumed from {ckpt_path} at step {step}/{cfg.max_steps}")
-    elif cfg.eval_only:
-        raise FileNotFoundError(f"eval_only: no checkpoint at {ckpt_path}; train first (EVAL_ONLY = False)")
 
     model, optimizer = accelerator.prepare(policy, optimizer)
     if cfg.compile:
@@ -150,7 +150,7 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
     deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     model.train()
     with profiler as prof:
-        while step < cfg.max_steps and not cfg.eval_only:
+        while step < cfg.max_steps:
             batch = preprocess(next(batches), train=True)
             with accelerator.autocast():
                 losses = model(batch)
@@ -200,9 +200,32 @@ def train(policy: torch.nn.Module, preprocess: Preprocessor, dataset: Dataset, c
             if last:
                 break
     bar.close()
-    if evaluator is not None and summary is None:  # eval_only, or a finished run launched again
+    if evaluator is not None and summary is None:  # a finished run launched again
         summary = _evaluate(accelerator, evaluator, ema.module if ema else policy, preprocess, run_dir, step, log)
     if evaluator is not None:
+        evaluator.close()
+    log.close()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _evaluate_checkpoint(accelerator: Accelerator, evaluator: Evaluator | None, policy: torch.nn.Module,
+                         preprocess: Preprocessor, cfg: TrainConfig, run_dir: str, log: "_Logger") -> dict | None:
+    """``eval_only``: evaluate the (EMA) weights of ``<run>/last.pt``; no optimizer, no DataLoader."""
+    ckpt_path = os.path.join(run_dir, "last.pt")
+    state = checkpoint.load_resumable(ckpt_path)
+    if state is None:
+        raise FileNotFoundError(f"eval_only: no checkpoint at {ckpt_path}; train first (EVAL_ONLY = False)")
+    policy.load_state_dict(state["policy"])
+    preprocess.load_state_dict(state["preprocess"])
+    if cfg.ema:
+        ema = EMA(policy)
+        ema.load_state_dict(state["ema"])
+        policy = ema.module
+    log.print(f"evaluating {ckpt_path} (step {state['step']})")
+    summary = None
+    if evaluator is not None:
+        summary = _evaluate(accelerator, evaluator, policy, preprocess, run_dir, state["step"], log)
         evaluator.close()
     log.close()
     accelerator.wait_for_everyone()

@@ -38,6 +38,7 @@ from typing import Any
 
 import gymnasium
 import numpy as np
+import torchvision  # noqa: F401  (before dm_control: loading torchvision's triton after dm_control's EGL context segfaults)
 from dm_control import mujoco
 from dm_control.rl import control
 from dm_control.suite import base

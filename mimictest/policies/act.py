@@ -14,12 +14,13 @@ At inference the latent is zero and the prediction is deterministic in eval mode
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mimictest.nets.act import ACT
+from mimictest.policies.base import Policy
 
 
-class ACTPolicy(nn.Module):
+class ACTPolicy(Policy):
     """Wraps the `ACT` network with its training loss and inference call."""
 
     def __init__(self, net: ACT, kl_weight: float = 10.0) -> None:
@@ -44,10 +45,6 @@ class ACTPolicy(nn.Module):
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(-1).mean()
         total = l1 + self.kl_weight * kl
         return {"total_loss": total, "l1": l1.detach(), "kl": kl.detach()}
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The training loss: DDP, accelerate and ``torch.compile`` wrap ``forward``, so it is ``compute_loss``."""
-        return self.compute_loss(batch)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor]) -> Tensor:

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
+from mimictest.policies.base import Policy
 
-class DiffusionPolicy(nn.Module):
+
+class DiffusionPolicy(Policy):
     """Denoise an action chunk `(B, chunk, A)` conditioned on encoded observations.
 
     `obs_encoder(batch) -> (B, T_obs, F)`; `noise_net(sample (B, chunk, A), timestep (B,),
@@ -100,10 +102,6 @@ class DiffusionPolicy(nn.Module):
         else:
             mse = F.mse_loss(pred, target)
         return {"total_loss": mse, "mse": mse.detach()}
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The training loss: DDP, accelerate and ``torch.compile`` wrap ``forward``, so it is ``compute_loss``."""
-        return self.compute_loss(batch)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor]) -> Tensor:
