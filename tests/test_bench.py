@@ -52,3 +52,17 @@ def test_bench_camera_configs_name_the_data_cameras(tmp_path):
                 "--min-seconds", "0"])
     rows = json.load(open(out))["rows"]
     assert [r["mode"] for r in rows] == ["simulator alone", "policy in the loop"] and all(r["env_steps_per_s"] > 0 for r in rows)
+
+
+def test_bench_envs_metaworld(tmp_path):
+    """The MT10 configuration's camera and policy in the loop of a real Meta-World env."""
+    import pytest
+
+    pytest.importorskip("metaworld", reason="Meta-World is in the [sim] extra: pip install -e '.[sim]'")
+    assert bench.CONFIGS["dp-metaworld-image"].cams == ("corner",)
+    out = tmp_path / "envs.json"
+    bench.main(["--device", "cpu", "--json", str(out), "envs", "--env", "metaworld", "--workers", "1", "--steps", "9",
+                "--min-seconds", "0"])
+    rows = json.load(open(out))["rows"]
+    assert [r["mode"] for r in rows] == ["simulator alone", "policy in the loop"] and all(r["env_steps_per_s"] > 0 for r in rows)
+    assert rows[1]["exec"] == 8
