@@ -55,8 +55,7 @@ action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions 
 preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
 
 obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim)
-noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
-                              down_dims=DOWN_DIMS)
+noise_net = ConditionalUnet1D(action_space.model_dim, obs_encoder.out_dim, OBS_HORIZON, down_dims=DOWN_DIMS)
 policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
                          sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
 

@@ -70,8 +70,7 @@ preprocess = Preprocessor(dataset.stats, dataset.action_space, dataset.cams, ima
                           text_encoder=TextEncoder(TEXT_ENCODER), instructions=dataset.instructions)
 
 obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim, lang_dim=preprocess.lang_dim)
-noise_net = ConditionalUnet1D(dataset.action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
-                              down_dims=DOWN_DIMS)
+noise_net = ConditionalUnet1D(dataset.action_space.model_dim, obs_encoder.out_dim, OBS_HORIZON, down_dims=DOWN_DIMS)
 policy = DiffusionPolicy(obs_encoder, noise_net, dataset.action_space.model_dim, CHUNK_SIZE,
                          sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
 

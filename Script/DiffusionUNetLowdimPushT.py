@@ -64,8 +64,7 @@ action_space = ActionSpace(None, "absolute", env_dim=2)
 preprocess = Preprocessor(dataset.stats, action_space)
 
 obs_encoder = ObsEncoder([], low_dim_dim=dataset.low_dim_dim)
-noise_net = ConditionalUnet1D(action_space.model_dim, global_cond_dim=OBS_HORIZON * obs_encoder.out_dim,
-                              down_dims=DOWN_DIMS)
+noise_net = ConditionalUnet1D(action_space.model_dim, obs_encoder.out_dim, OBS_HORIZON, down_dims=DOWN_DIMS)
 policy = DiffusionPolicy(obs_encoder, noise_net, action_space.model_dim, CHUNK_SIZE,
                          sampler=SAMPLER, num_inference_steps=NUM_INFERENCE_STEPS)
 

@@ -96,7 +96,7 @@ def build_policy(cfg: BenchConfig, action_range: tuple[list[float], list[float]]
         if cfg.policy == "diffusion-unet":
             from mimictest.nets.unet1d import ConditionalUnet1D
 
-            net = ConditionalUnet1D(A, cfg.obs_horizon * encoder.out_dim, **cfg.net)
+            net = ConditionalUnet1D(A, encoder.out_dim, cfg.obs_horizon, **cfg.net)
         else:
             from mimictest.nets.transformer import DiffusionTransformer
 

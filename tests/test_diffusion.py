@@ -77,6 +77,11 @@ def test_unet_rejects_bad_inputs() -> None:
         net(torch.randn(2, 6, 10), 0, torch.randn(2, 38))
     with pytest.raises(ValueError, match="global_cond"):
         net(torch.randn(2, 8, 10), 0, torch.randn(2, 37))
+    # Per-step features times the observation horizon: (B, 2 * 19) flattened by DiffusionPolicy.
+    per_step = ConditionalUnet1D(10, 19, 2, down_dims=(32, 64), diffusion_step_embed_dim=32)
+    assert per_step.global_cond_dim == 38 and per_step(torch.randn(2, 8, 10), 0, torch.randn(2, 38)).shape == (2, 8, 10)
+    with pytest.raises(ValueError, match="cond_dim = obs_encoder.out_dim and n_obs_steps"):
+        per_step(torch.randn(2, 8, 10), 0, torch.randn(2, 19))
 
 
 @pytest.mark.parametrize("size", [84, 76])

@@ -66,7 +66,7 @@ def test_instruction_reaches_the_policy(text_encoder):
     ds = two_task_dataset()
     preprocess = Preprocessor(STATS, ActionSpace(None, env_dim=2), text_encoder=text_encoder, instructions=ds.instructions)
     encoder = ObsEncoder([], low_dim_dim=3, lang_dim=preprocess.lang_dim)
-    unet = ConditionalUnet1D(2, 2 * encoder.out_dim, down_dims=(32, 64), diffusion_step_embed_dim=32)
+    unet = ConditionalUnet1D(2, encoder.out_dim, 2, down_dims=(32, 64), diffusion_step_embed_dim=32)
     policy = DiffusionPolicy(encoder, unet, 2, 8, sampler="ddim", num_inference_steps=10)
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     loader = DataLoader(ds, batch_size=40, shuffle=True)
@@ -195,7 +195,7 @@ def test_cameras_of_different_sizes_end_to_end(tmp_path):
 
     encoder = ObsEncoder(ds.cams, low_dim_dim=ds.low_dim_dim, token_dim=16)
     assert encoder(batch).shape == (4, 2, encoder.out_dim) and encoder.tokens(batch).shape == (4, 2, 3, 16)
-    unet = ConditionalUnet1D(ds.action_space.model_dim, 2 * encoder.out_dim, down_dims=(16, 32), diffusion_step_embed_dim=16)
+    unet = ConditionalUnet1D(ds.action_space.model_dim, encoder.out_dim, 2, down_dims=(16, 32), diffusion_step_embed_dim=16)
     policy = DiffusionPolicy(encoder, unet, ds.action_space.model_dim, 8, sampler="ddim", num_inference_steps=2)
     make_env = partial(MetaWorldEnv, "reach-v3", cams=tuple(sizes), image_size=sizes, max_episode_steps=6)
     evaluator = Evaluator(tasks=[EvalTask("reach-v3", make_env, 2, task=0)], num_envs=1, obs_horizon=2, exec_start=1,

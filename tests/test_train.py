@@ -116,7 +116,7 @@ def tiny_setup(demos):
 
     dataset = RobomimicDataset(demos, [], ["object", "robot0_eef_pos"], obs_horizon=2, chunk_size=8)
     preprocess = Preprocessor(dataset.stats, ActionSpace())
-    net = ConditionalUnet1D(10, 2 * dataset.low_dim_dim, down_dims=(16, 32), diffusion_step_embed_dim=16)
+    net = ConditionalUnet1D(10, dataset.low_dim_dim, 2, down_dims=(16, 32), diffusion_step_embed_dim=16)
     return DiffusionPolicy(ObsEncoder([], dataset.low_dim_dim), net, 10, 8), preprocess, dataset
 
 

@@ -30,7 +30,7 @@ dataset = RobomimicDataset(DATASET, [], KEYS, obs_horizon=2, chunk_size=8)
 action_space = ActionSpace("axis_angle", "absolute")
 preprocess = Preprocessor(dataset.stats, action_space)
 encoder = ObsEncoder([], low_dim_dim=dataset.low_dim_dim)
-net = ConditionalUnet1D(action_space.model_dim, 2 * encoder.out_dim, down_dims=(16, 32), diffusion_step_embed_dim=16)
+net = ConditionalUnet1D(action_space.model_dim, encoder.out_dim, 2, down_dims=(16, 32), diffusion_step_embed_dim=16)
 policy = DiffusionPolicy(encoder, net, action_space.model_dim, 8, sampler="ddim", num_inference_steps=3)
 make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=[], low_dim_keys=KEYS, max_episode_steps=15)
 evaluator = Evaluator(tasks=[EvalTask("lift", make_env, EPISODES)], num_envs=2, obs_horizon=2, exec_start=1, exec_end=5,

@@ -95,14 +95,17 @@ class ConditionalResidualBlock1D(nn.Module):
 class ConditionalUnet1D(nn.Module):
     """Noise-prediction UNet over the time axis of an action chunk.
 
-    `forward(sample (B, T, A), timestep (B,) or scalar, global_cond (B, global_cond_dim)) -> (B, T, A)`.
-    With `len(down_dims) = L` levels, the chunk length T must be divisible by `2 ** (L - 1)`.
+    `forward(sample (B, T, A), timestep (B,) or scalar, global_cond (B, n_obs_steps * cond_dim)) -> (B, T, A)`,
+    where `global_cond` is the flattened `(B, n_obs_steps, cond_dim)` per-step observation features
+    that `DiffusionPolicy` passes (Diffusion Policy's FiLM condition). With `len(down_dims) = L`
+    levels, the chunk length T must be divisible by `2 ** (L - 1)`.
     """
 
     def __init__(
         self,
         action_dim: int,
-        global_cond_dim: int,
+        cond_dim: int,
+        n_obs_steps: int = 1,
         down_dims: tuple[int, ...] = (256, 512, 1024),
         kernel_size: int = 5,
         n_groups: int = 8,
@@ -115,7 +118,7 @@ class ConditionalUnet1D(nn.Module):
         if bad:
             raise ValueError(f"every entry of down_dims must be divisible by n_groups={n_groups}; got {bad}")
         self.action_dim = action_dim
-        self.global_cond_dim = global_cond_dim
+        self.global_cond_dim = global_cond_dim = n_obs_steps * cond_dim
         self.num_downsamples = len(down_dims) - 1
 
         dsed = diffusion_step_embed_dim
@@ -164,7 +167,7 @@ class ConditionalUnet1D(nn.Module):
         if global_cond.shape != (batch, self.global_cond_dim):
             raise ValueError(
                 f"global_cond must be ({batch}, {self.global_cond_dim}), got {tuple(global_cond.shape)}; "
-                "global_cond_dim must equal obs feature dim * obs horizon"
+                "build the UNet with cond_dim = obs_encoder.out_dim and n_obs_steps = the observation horizon"
             )
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(batch) if t.ndim == 0 else t  # (B,)
