@@ -219,7 +219,7 @@ class Evaluator:
         """The vector env for this process's episodes (kept between evaluations) and each worker's schedule."""
         num_envs = min(self.num_envs, len(mine))
         schedules = [mine[w::num_envs] for w in range(num_envs)]
-        key = (tuple(map(tuple, ((k, j) for k, j, _ in mine))), videos)
+        key = (tuple((k, j) for k, j, _ in mine), videos)
         if self._venv is None or self._venv_key != key:
             self.close()
             fns = [partial(ScheduledEnv, [partial(t.make_env, render_video=videos and w == 0) for t in self.tasks],
@@ -361,7 +361,7 @@ def _write_video(frames: list[np.ndarray], folder: str, name: str, fps: int) -> 
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate, in percent (Wilson 1927; exact at 0 and n successes)."""
+    """95% Wilson score interval of a success rate, in percent (Wilson 1927), clipped to [0, 100]."""
     if n == 0:
         return 0.0, 100.0
     p = successes / n
