@@ -42,6 +42,30 @@ def test_window_index_padding():
     assert obs.tolist() == [3, 4] and act.tolist() == [3, 4, 5, 6] and not pad.any()
 
 
+def test_window_index_pad_after_follows_diffusion_policy_sampler():
+    """Diffusion Policy's SequenceSampler (pad_before = n_obs - 1, pad_after = n_action - 1) as windows."""
+    ends, obs_horizon, chunk, pad_after = np.array([3, 8, 30]), 2, 4, 1
+    idx = WindowIndex(ends, obs_horizon, chunk, pad_after=pad_after)
+    assert len(idx) == 2 + 4 + 21  # each episode loses its last chunk - obs_horizon - pad_after = 1 step
+    assert idx.episode.tolist() == [0] * 2 + [1] * 4 + [2] * 21
+    obs, act, pad = idx[1]  # last sample of episode 0: t = 1, one padded action after the end
+    assert obs.tolist() == [0, 1] and act.tolist() == [0, 1, 2, 2] and pad.tolist() == [False, False, False, True]
+    obs, act, pad = idx[2]  # first sample of episode 1: history padded before its start
+    assert obs.tolist() == [3, 3] and act.tolist() == [3, 3, 4, 5] and pad.tolist() == [True, False, False, False]
+    # The same windows as the reference rule: sequence starts from -pad_before to L - chunk + pad_after.
+    expected = []
+    for lo, hi in zip((0, 3, 8), ends):
+        for start in range(-(obs_horizon - 1), (hi - lo) - chunk + pad_after + 1):
+            expected.append(np.clip(lo + start + np.arange(chunk), lo, hi - 1).tolist())
+    assert [idx[i][1].tolist() for i in range(len(idx))] == expected
+    assert max(int(idx[i][2][obs_horizon:].sum()) for i in range(len(idx))) == pad_after
+    assert len(WindowIndex(ends, obs_horizon, chunk, pad_after=chunk - obs_horizon)) == len(WindowIndex(ends, obs_horizon, chunk))
+    with pytest.raises(ValueError, match=r"pad_after must be in 0..2 \(chunk_size - obs_horizon = 4 - 2\), got 3"):
+        WindowIndex(ends, obs_horizon, chunk, pad_after=3)
+    with pytest.raises(ValueError, match="no episode is long enough for one window"):
+        WindowIndex(np.array([2, 4]), 1, 8, pad_after=0)
+
+
 @pytest.mark.parametrize("first", [0, 1])
 @pytest.mark.parametrize("cache_images", [True, False])
 def test_robomimic_windows(tmp_path, first, cache_images):
@@ -63,6 +87,13 @@ def test_robomimic_windows(tmp_path, first, cache_images):
     assert ds.stats["action"]["min"] == [0.0] * 7 and ds.stats["action"]["max"] == [104.0] * 7
     assert ds.stats["low_dim"]["max"] == [1.0, 4.0, 1.0, 1.0, 1.0]
     assert os.path.isfile(path + ".mimictest-stats.json")
+
+
+def test_robomimic_pad_after_drops_windows_past_the_end(tmp_path):
+    path = write_tiny(str(tmp_path / "tiny.hdf5"))
+    ds = RobomimicDataset(path, [], ["a"], obs_horizon=2, chunk_size=4, pad_after=0)
+    assert len(ds) == 1 + 3 and not any(ds[i]["is_pad"][2:].any() for i in range(len(ds)))
+    assert ds[0]["action"][:, 0].tolist() == [0, 0, 1, 2] and ds[1]["low_dim"][:, 0].tolist() == [1, 1]
 
 
 def test_filter_key_and_stats_cache(tmp_path):

@@ -147,6 +147,8 @@ class AlohaDataset(WindowDataset):
         cache_images: load every image into RAM as uint8 (about ``steps * cams * H * W * 3`` bytes:
             50 episodes of 400 steps at 480x640 are 18 GB per camera), or read them per sample.
         image_size: ``(H, W)`` the configuration expects; episodes of another size are refused.
+        pad_after: the most padded actions after an episode's end (``mimictest.data.windows``);
+            ACT pads up to ``chunk_size - 1``, which is ``None`` (every timestep is a sample).
 
     Attributes: ``stats`` (for ``Preprocessor``), ``image_size``, ``low_dim_dim`` (14), ``paths``.
     """
@@ -159,6 +161,7 @@ class AlohaDataset(WindowDataset):
         chunk_size: int,
         cache_images: bool = True,
         image_size: tuple[int, int] | None = None,
+        pad_after: int | None = None,
     ) -> None:
         cams = list(cams)
         if len(set(cams)) != len(cams):
@@ -191,7 +194,7 @@ class AlohaDataset(WindowDataset):
             rgb = _load_images(self.paths, cams, episode_ends, self.image_size)  # {cam: (N, H, W, 3)}
         else:
             rgb = {cam: _LazyImages(self.paths, cam, episode_ends) for cam in cams}
-        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb)
+        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, pad_after=pad_after)
         arrays = {"action": action, "qpos": low_dim}
         stats = cached_stats(folder, list(arrays), lambda key: array_stats(arrays[key]))
         self.stats = {"action": stats["action"], "low_dim": stats["qpos"]}

@@ -243,6 +243,8 @@ class MetaWorldDataset(WindowDataset):
         cams: the cameras to read (``[]`` for low-dim only); every task's file must have them.
         obs_horizon, chunk_size: window sizes (see ``mimictest.data.windows``).
         cache_images: load every image into RAM, or read them from the files per sample.
+        pad_after: the most padded actions after an episode's end (``mimictest.data.windows``;
+            Diffusion Policy: ``n_action_steps - 1``; ``None``: every timestep is a sample).
 
     Items: ``{"action": (chunk, 4), "is_pad": (chunk,), "low_dim": (T_obs, 4), "rgb": {cam:
     (T_obs, H, W, 3) uint8}, "task": int64, "lang": str}``. Attributes: ``stats`` (``"action"``,
@@ -258,6 +260,7 @@ class MetaWorldDataset(WindowDataset):
         obs_horizon: int,
         chunk_size: int,
         cache_images: bool = True,
+        pad_after: int | None = None,
     ) -> None:
         tasks, cams = list(tasks), list(check_cams(cams))
         if not tasks:
@@ -341,7 +344,7 @@ class MetaWorldDataset(WindowDataset):
             rgb = {cam: _LazyImages(parts, np.asarray(starts, dtype=np.int64)) for cam, parts in images.items()}
         super().__init__(np.concatenate(ends), obs_horizon, chunk_size, np.concatenate(actions),
                          np.concatenate(low_dims), rgb, episode_task=np.asarray(episode_task),
-                         task_names=tasks, episode_lang=episode_lang)
+                         task_names=tasks, episode_lang=episode_lang, pad_after=pad_after)
         self.files = files
         self.stats = {"action": merge_stats(action_stats, counts), "low_dim": merge_stats(low_dim_stats, counts)}
         self.action_space = ActionSpace(None, "relative", env_dim=ACTION_DIM)

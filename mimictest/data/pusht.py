@@ -113,6 +113,8 @@ class PushTDataset(WindowDataset):
         obs_mode: ``"image"`` (one camera + agent_pos) or ``"keypoint"`` (keypoints + agent_pos).
         obs_horizon, chunk_size: window sizes (see ``mimictest.data.windows``).
         cache_images: load every image into RAM as uint8 (``N * 27.6`` kB), or read them per sample.
+        pad_after: the most padded actions after an episode's end (``mimictest.data.windows``;
+            Diffusion Policy: ``n_action_steps - 1``; ``None``: every timestep is a sample).
 
     Attributes: ``stats`` (for ``Preprocessor``), ``image_size`` (``None`` in keypoint mode),
     ``low_dim_dim``, ``num_episodes``.
@@ -125,6 +127,7 @@ class PushTDataset(WindowDataset):
         obs_horizon: int,
         chunk_size: int,
         cache_images: bool = True,
+        pad_after: int | None = None,
     ) -> None:
         if obs_mode not in OBS_MODES:
             raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
@@ -158,7 +161,7 @@ class PushTDataset(WindowDataset):
         else:
             keypoints = arrays["keypoint"][:].astype(np.float32)
             low_dim = np.concatenate([keypoints.reshape(len(keypoints), -1), agent_pos], axis=1)  # (N, 2K + 2)
-        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb)
+        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, pad_after=pad_after)
         columns = {"action": action, "agent_pos": agent_pos}
         if obs_mode == "keypoint":
             columns["keypoint"] = low_dim[:, :-2]

@@ -122,6 +122,8 @@ class RobomimicDataset(WindowDataset):
             ``steps * cams * H * W * 3`` bytes), or read them from the file per sample.
         image_size: ``(H, W)`` the configuration expects (or ``{key: (H, W)}``); a file with other
             sizes is refused.
+        pad_after: the most padded actions after an episode's end (``mimictest.data.windows``;
+            Diffusion Policy: ``n_action_steps - 1``; ``None``: every timestep is a sample, ACT's rule).
 
     Attributes: ``env_meta`` (the parsed ``env_args``), ``stats`` (for ``Preprocessor``),
     ``image_size`` (``{key: (H, W)}``), ``absolute_actions`` (from the env's controller config).
@@ -137,6 +139,7 @@ class RobomimicDataset(WindowDataset):
         filter_key: str | None = None,
         cache_images: bool = True,
         image_size: tuple[int, int] | None = None,
+        pad_after: int | None = None,
     ) -> None:
         if not rgb_keys and not low_dim_keys:
             raise ValueError("choose at least one observation key (RGB_KEYS or LOW_DIM_KEYS)")
@@ -173,7 +176,7 @@ class RobomimicDataset(WindowDataset):
                     rgb[key] = np.concatenate([f[f"data/{n}/obs/{key}"][()] for n in names])  # (N, H, W, 3) uint8
                 else:
                     rgb[key] = _LazyImages(path, names, key, episode_ends)
-        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb)
+        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, pad_after=pad_after)
         self.demo_names = names
         controller = self.env_meta.get("env_kwargs", {}).get("controller_configs", {})
         self.absolute_actions = controller_is_absolute(controller)

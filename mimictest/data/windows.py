@@ -12,6 +12,27 @@ Sample ``i`` is timestep ``t`` of some episode (every timestep is a sample):
   ``t``, ACT's convention).
 Indices outside the episode are clamped to its first / last step (edge padding) and flagged in
 ``is_pad``, so a policy can mask padded actions out of its loss.
+
+How many padded actions a window may hold after the episode's end is ``pad_after``:
+
+- ``pad_after=None``: every timestep is a sample, so the last window of an episode has
+  ``chunk_size - obs_horizon`` padded actions (14 of 16 with Diffusion Policy's horizons). With
+  ``obs_horizon=1`` this is ACT's rule: ACT's ``EpisodicDataset`` (tonyzhaozh/act, ``utils.py``)
+  draws an episode, then a start step uniformly from all of its steps, and pads the action
+  sequence with zeros to the episode's length, marked in ``is_pad`` (its loss masks them); the
+  policy keeps the first ``chunk_size``, so up to ``chunk_size - 1`` of them are padding.
+  (ACT draws episodes uniformly, here every timestep is equally likely; the two agree for the
+  equal-length simulated ALOHA episodes.)
+- ``pad_after=k``: only windows with at most ``k`` actions past the end are samples, so the last
+  ``chunk_size - obs_horizon - k`` steps of each episode are not sample steps. Diffusion Policy's
+  ``SequenceSampler`` (real-stanford/diffusion_policy, ``common/sampler.py``) takes sequences of
+  ``horizon`` steps starting from ``-pad_before`` to ``episode_length - horizon + pad_after``,
+  with ``pad_before = n_obs_steps - 1`` and ``pad_after = n_action_steps - 1`` in every one of its
+  datasets (7 with 8 executed steps), edge-padding both ends; that is this window with
+  ``pad_after = n_action_steps - 1`` (its loss does not mask the padding: ``mask_padding=False``).
+
+The history is always padded by at most ``obs_horizon - 1`` steps before the episode's start,
+Diffusion Policy's ``pad_before``.
 """
 
 from __future__ import annotations
@@ -38,28 +59,50 @@ def check_episode_ends(episode_ends: np.ndarray, num_steps: int) -> np.ndarray:
 
 
 class WindowIndex:
-    """Maps a sample index to the flat row indices of its observation and action windows."""
+    """Maps a sample index to the flat row indices of its observation and action windows.
 
-    def __init__(self, episode_ends: np.ndarray, obs_horizon: int, chunk_size: int) -> None:
+    ``pad_after``: at most this many actions of a window lie past its episode's end, in
+    ``0 .. chunk_size - obs_horizon``; ``None`` makes every timestep a sample (see the module
+    docstring). Episodes too short for one window give no samples.
+    """
+
+    def __init__(self, episode_ends: np.ndarray, obs_horizon: int, chunk_size: int, pad_after: int | None = None) -> None:
         if obs_horizon < 1 or chunk_size < 1:
             raise ValueError(f"obs_horizon and chunk_size must be >= 1, got {obs_horizon} and {chunk_size}")
+        most = max(chunk_size - obs_horizon, 0)  # padded actions of an episode's last timestep
+        if pad_after is not None and not 0 <= pad_after <= most:
+            raise ValueError(
+                f"pad_after must be in 0..{most} (chunk_size - obs_horizon = {chunk_size} - {obs_horizon}), got "
+                f"{pad_after}; Diffusion Policy pads at most n_action_steps - 1, ACT chunk_size - 1 (None)"
+            )
         self.episode_ends = np.asarray(episode_ends, dtype=np.int64)
         self.obs_horizon, self.chunk_size = obs_horizon, chunk_size
+        self.pad_after = most if pad_after is None else pad_after
         starts = np.concatenate(([0], self.episode_ends[:-1]))
         lengths = self.episode_ends - starts
-        self.step_start = np.repeat(starts, lengths)  # (N,) first row of the episode of each row
-        self.step_end = np.repeat(self.episode_ends, lengths)  # (N,) exclusive end of that episode
+        counts = np.maximum(lengths - (most - self.pad_after), 0)  # (E,) sample steps of each episode
+        if counts.sum() == 0:
+            raise ValueError(
+                f"no episode is long enough for one window (the longest has {lengths.max()} steps; chunk_size "
+                f"{chunk_size}, obs_horizon {obs_horizon}, pad_after {self.pad_after}); raise pad_after or "
+                "shorten the chunk"
+            )
+        self.episode = np.repeat(np.arange(len(lengths)), counts)  # (M,) episode of each sample
+        first = np.cumsum(counts) - counts  # (E,) index of each episode's first sample
+        self.rows = starts[self.episode] + np.arange(counts.sum()) - first[self.episode]  # (M,) flat row of timestep t
+        self.step_start = starts[self.episode]  # (M,) first row of the sample's episode
+        self.step_end = self.episode_ends[self.episode]  # (M,) exclusive end of that episode
         self._obs_offsets = np.arange(1 - obs_horizon, 1)  # (T_obs,)
         self._act_offsets = np.arange(1 - obs_horizon, 1 - obs_horizon + chunk_size)  # (chunk,)
 
     def __len__(self) -> int:
-        return len(self.step_start)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> obs rows ``(T_obs,)``, action rows ``(chunk,)``, ``is_pad`` ``(chunk,)``."""
-        lo, hi = self.step_start[i], self.step_end[i] - 1
-        obs_rows = np.clip(i + self._obs_offsets, lo, hi)
-        raw = i + self._act_offsets
+        row, lo, hi = self.rows[i], self.step_start[i], self.step_end[i] - 1
+        obs_rows = np.clip(row + self._obs_offsets, lo, hi)
+        raw = row + self._act_offsets
         act_rows = np.clip(raw, lo, hi)
         return obs_rows, act_rows, raw != act_rows
 
@@ -78,6 +121,8 @@ class WindowDataset(Dataset):
             multi-task data; ``None`` for single-task data.
         task_names: the name of each task id.
         episode_lang: ``E`` instruction strings, one per episode, or ``None``.
+        pad_after: the most actions of a window past its episode's end (``WindowIndex``);
+            ``None``: every timestep is a sample.
 
     Items: ``{"action": (chunk, A), "is_pad": (chunk,), "low_dim": (T_obs, D),
     "rgb": {camera: (T_obs, H_c, W_c, 3)}, "task": int64, "lang": str}``, each key only when the
@@ -95,6 +140,7 @@ class WindowDataset(Dataset):
         episode_task: np.ndarray | None = None,
         task_names: list[str] | None = None,
         episode_lang: list[str] | None = None,
+        pad_after: int | None = None,
     ) -> None:
         self.episode_ends = check_episode_ends(episode_ends, len(action))
         rgb = dict(rgb or {})
@@ -111,9 +157,7 @@ class WindowDataset(Dataset):
                 raise ValueError(f"episode_task has ids outside 0..{len(task_names) - 1} (task_names={task_names})")
         if episode_lang is not None and len(episode_lang) != num_episodes:
             raise ValueError(f"episode_lang has {len(episode_lang)} instructions for {num_episodes} episodes")
-        self.index = WindowIndex(self.episode_ends, obs_horizon, chunk_size)
-        lengths = np.diff(np.concatenate(([0], self.episode_ends)))
-        self.row_episode = np.repeat(np.arange(num_episodes), lengths)  # (N,) episode of each row
+        self.index = WindowIndex(self.episode_ends, obs_horizon, chunk_size, pad_after)
         self.action, self.low_dim, self.rgb = action, low_dim, rgb
         self.episode_task, self.episode_lang = episode_task, episode_lang
         self.task_names = list(task_names) if task_names is not None else None
@@ -148,7 +192,7 @@ class WindowDataset(Dataset):
         if self.rgb:
             item["rgb"] = {cam: images(obs_rows) if callable(images) else images[obs_rows]
                            for cam, images in self.rgb.items()}  # {cam: (T_obs, H_c, W_c, 3) uint8}
-        episode = self.row_episode[i]
+        episode = self.index.episode[i]
         if self.episode_task is not None:
             item["task"] = self.episode_task[episode]  # int64
         if self.episode_lang is not None:
