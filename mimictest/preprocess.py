@@ -6,8 +6,9 @@
   such as robosuite's default OSC_POSE ``control_delta=True``). Joint-space actions pass through.
 - ``Preprocessor`` (an ``nn.Module`` so its statistics travel in checkpoints) turns a uint8 batch
   into network inputs: each camera's images to float in [-1, 1], optional resize, random crop when
-  training and centre crop when evaluating, min-max normalisation to [-1, 1], instructions to
-  embeddings; and maps predicted actions back.
+  training and centre crop when evaluating, normalisation of actions and low-dim observations
+  (min-max to [-1, 1], Diffusion Policy's, or mean/std, ACT's), instructions to embeddings; and maps
+  predicted actions back.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from torch import nn
 from mimictest import rotation
 
 _MIN_RANGE = 1e-4  # a dimension whose range is below this is treated as constant
+# ACT's get_norm_stats (tonyzhaozh/act, utils.py) clips every std to [1e-2, 10].
+STD_MIN, STD_MAX = 1e-2, 10.0
+NORMALIZATIONS = ("minmax", "meanstd")
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,6 @@ class ActionSpace:
     def model_dim(self) -> int:
         return self.env_dim if self.rotation is None else self.env_dim - self.rot_dim + 6
 
-    @property
-    def rot6d_slice(self) -> slice | None:
-        """Where the 6D rotation sits in the model action (never normalised: already in [-1, 1])."""
-        return None if self.rotation is None else slice(3, 9)
-
     def to_model(self, action: torch.Tensor) -> torch.Tensor:
         """``(..., env_dim)`` -> ``(..., model_dim)``."""
         if action.shape[-1] != self.env_dim:
@@ -80,15 +79,14 @@ class ActionSpace:
         rot = rotation.from_rot6d(action[..., 3:9], self.rotation)
         return torch.cat((action[..., :3], rot, action[..., 9:]), dim=-1)
 
-    def model_bounds(self, env_min: torch.Tensor, env_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dim ``(min, max)`` of model actions from the env actions' ``(env_dim,)`` bounds."""
+    def model_shift_scale(self, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dim normalisation ``(shift, scale)`` of model actions from the env actions' ``(env_dim,)`` ones;
+        the 6D rotation columns, unit vectors already, get 0 and 1 (never scaled)."""
         if self.rotation is None:
-            return env_min, env_max
+            return shift, scale
         r = 3 + self.rot_dim
-        ones = torch.ones(6, dtype=env_min.dtype)
-        lo = torch.cat((env_min[:3], -ones, env_min[r:]))
-        hi = torch.cat((env_max[:3], ones, env_max[r:]))
-        return lo, hi
+        zeros, ones = torch.zeros(6, dtype=shift.dtype), torch.ones(6, dtype=scale.dtype)
+        return torch.cat((shift[:3], zeros, shift[r:])), torch.cat((scale[:3], ones, scale[r:]))
 
 
 def _range_buffers(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +94,22 @@ def _range_buffers(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, to
     half = (hi - lo) / 2
     half = torch.where(half < _MIN_RANGE / 2, torch.ones_like(half), half)
     return (hi + lo) / 2, half
+
+
+def _shift_scale(stats: dict[str, list[float]] | None, normalization: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shift, scale)`` so that ``(x - shift) / scale`` is normalised: min-max centre and half-range,
+    or the mean and the std clipped to ``[STD_MIN, STD_MAX]``."""
+    needed = ("min", "max") if normalization == "minmax" else ("mean", "std")
+    if stats is None:
+        return torch.zeros(0), torch.ones(0)
+    missing = [name for name in needed if name not in stats]
+    if missing:
+        raise ValueError(f"normalization={normalization!r} needs the {key} statistics {list(needed)}, but they have "
+                         f"only {sorted(stats)}; compute them with mimictest.data.stats.array_stats")
+    a, b = (torch.tensor(stats[name], dtype=torch.float32) for name in needed)
+    if normalization == "minmax":
+        return _range_buffers(a, b)
+    return a, b.clamp(STD_MIN, STD_MAX)
 
 
 Size = tuple[int, int]
@@ -115,9 +129,15 @@ class Preprocessor(nn.Module):
     """Turns uint8 / raw batches into normalised network inputs on the device, and back.
 
     Args:
-        stats: ``{"action": {"min", "max"}, "low_dim": {"min", "max"}}`` per-dim lists, in env
-            units, as computed by the dataset readers (``low_dim`` may be absent).
+        stats: ``{"action": {"min", "max", "mean", "std"}, "low_dim": {...}}`` per-dim lists, in
+            env units, as computed by the dataset readers (``low_dim`` may be absent).
         action_space: the env <-> model action mapping.
+        normalization: for actions and low-dim observations both, ``"minmax"`` (each dim's
+            dataset range to [-1, 1]: Diffusion Policy's ``LinearNormalizer`` in ``"limits"`` mode,
+            needed by diffusion samplers, which clip samples to [-1, 1]) or ``"meanstd"``
+            (``(x - mean) / std`` with the std clipped to [0.01, 10]: ACT's ``get_norm_stats``, for
+            ``action`` and ``qpos``; ACT's std is torch's unbiased one, the readers' the population
+            std, a factor ``sqrt(N / (N - 1))`` apart). 6D rotation columns are never scaled.
         cams: the cameras of ``rgb``, in the order the networks see them.
         image_size: ``(H, W)`` of every camera's images, or ``{camera: (H, W)}``; checked on every batch.
         crop_size: ``(h, w)`` crop fed to the network (or one per camera), or ``None`` for no crop.
@@ -139,6 +159,7 @@ class Preprocessor(nn.Module):
         stats: dict[str, dict[str, list[float]]],
         action_space: ActionSpace,
         cams: list[str] | tuple[str, ...] = (),
+        normalization: str = "minmax",
         image_size: Size | dict[str, Size] | None = None,
         crop_size: Size | dict[str, Size] | None = None,
         resize: Size | dict[str, Size] | None = None,
@@ -146,7 +167,11 @@ class Preprocessor(nn.Module):
         instructions: list[str] | tuple[str, ...] = (),
     ) -> None:
         super().__init__()
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r} "
+                             "(Diffusion Policy: 'minmax', ACT: 'meanstd')")
         self.action_space = action_space
+        self.normalization = normalization
         self.cams = list(cams)
         self.image_size = per_camera(image_size, self.cams, "image_size")
         self.resize = per_camera(resize, self.cams, "resize")
@@ -156,18 +181,11 @@ class Preprocessor(nn.Module):
             if crop and source and (crop[0] > source[0] or crop[1] > source[1]):
                 raise ValueError(f"crop_size {crop} is larger than camera {cam!r}'s image {source}; choose a smaller crop")
 
-        a_lo, a_hi = action_space.model_bounds(
-            torch.tensor(stats["action"]["min"], dtype=torch.float32), torch.tensor(stats["action"]["max"], dtype=torch.float32)
-        )
-        centre, half = _range_buffers(a_lo, a_hi)
-        if action_space.rot6d_slice is not None:  # 6D rotation columns are unit vectors already
-            centre[action_space.rot6d_slice], half[action_space.rot6d_slice] = 0.0, 1.0
+        # (x - centre) / half: min-max centre and half-range, or mean and std (names kept for checkpoints).
+        centre, half = action_space.model_shift_scale(*_shift_scale(stats["action"], normalization, "action"))
         self.register_buffer("action_centre", centre)
         self.register_buffer("action_half", half)
-        low_dim = stats.get("low_dim")
-        lo = torch.tensor(low_dim["min"] if low_dim else [], dtype=torch.float32)
-        hi = torch.tensor(low_dim["max"] if low_dim else [], dtype=torch.float32)
-        low_centre, low_half = _range_buffers(lo, hi)
+        low_centre, low_half = _shift_scale(stats.get("low_dim") or None, normalization, "low_dim")
         self.register_buffer("low_dim_centre", low_centre)
         self.register_buffer("low_dim_half", low_half)
 
@@ -213,7 +231,7 @@ class Preprocessor(nn.Module):
         self.lang_table = state["lang_table"].to(self.action_centre.device)
 
     def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
-        """``(..., env_dim)`` env actions -> ``(..., model_dim)`` in ~[-1, 1]."""
+        """``(..., env_dim)`` env actions -> ``(..., model_dim)``, in [-1, 1] over the data (min-max) or standardised."""
         return (self.action_space.to_model(action.float()) - self.action_centre) / self.action_half
 
     def unnormalize_action(self, action: torch.Tensor) -> torch.Tensor:
@@ -221,7 +239,7 @@ class Preprocessor(nn.Module):
         return self.action_space.to_env(action.float() * self.action_half + self.action_centre)
 
     def normalize_low_dim(self, low_dim: torch.Tensor) -> torch.Tensor:
-        """``(..., D)`` -> ``(..., D)`` in [-1, 1] over the dataset's range."""
+        """``(..., D)`` -> ``(..., D)``, in [-1, 1] over the dataset's range (min-max) or standardised."""
         if low_dim.shape[-1] != self.low_dim_centre.shape[0]:
             raise ValueError(
                 f"low_dim has {low_dim.shape[-1]} dims but the statistics have {self.low_dim_centre.shape[0]}; "

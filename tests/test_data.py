@@ -96,6 +96,34 @@ def test_robomimic_pad_after_drops_windows_past_the_end(tmp_path):
     assert ds[0]["action"][:, 0].tolist() == [0, 0, 1, 2] and ds[1]["low_dim"][:, 0].tolist() == [1, 1]
 
 
+def test_meanstd_normalization_is_acts(tmp_path):
+    """ACT's get_norm_stats: (x - mean) / clip(std, 1e-2, 10) for actions and low-dim; 6D columns untouched."""
+    import torch
+
+    from mimictest.preprocess import ActionSpace, Preprocessor
+
+    path = write_tiny(str(tmp_path / "tiny.hdf5"), lengths=(30, 50))
+    ds = RobomimicDataset(path, [], ["a", "b"], obs_horizon=1, chunk_size=1)
+    action, low_dim = torch.from_numpy(ds.action), torch.from_numpy(ds.low_dim)  # (N, 7), (N, 5)
+    pre = Preprocessor(ds.stats, ActionSpace(None, "absolute", env_dim=7), normalization="meanstd")
+    std = np.clip(ds.low_dim.std(0), 1e-2, 10)  # 'b' is constant: its std is clipped to 0.01
+    np.testing.assert_allclose(pre.normalize_low_dim(low_dim).numpy(), (ds.low_dim - ds.low_dim.mean(0)) / std, atol=1e-5)
+    normed = pre.normalize_action(action)
+    assert ds.action.std(0).min() > 10  # ACT clips a std above 10 as well
+    np.testing.assert_allclose(normed.numpy(), (ds.action - ds.action.mean(0)) / 10.0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pre.unnormalize_action(normed).numpy(), ds.action, rtol=1e-5)
+    space = ActionSpace("axis_angle", "absolute")
+    minmax, meanstd = Preprocessor(ds.stats, space), Preprocessor(ds.stats, space, normalization="meanstd")
+    for pre in (minmax, meanstd):
+        assert pre.action_centre[3:9].tolist() == [0.0] * 6 and pre.action_half[3:9].tolist() == [1.0] * 6
+    assert meanstd.action_centre[[0, 9]].tolist() == pytest.approx([ds.action[:, 0].mean()] * 2)
+    assert minmax.action_centre[[0, 9]].tolist() == pytest.approx([(ds.action[:, 0].min() + ds.action[:, 0].max()) / 2] * 2)
+    with pytest.raises(ValueError, match=r"normalization must be one of \('minmax', 'meanstd'\), got 'zscore'"):
+        Preprocessor(ds.stats, space, normalization="zscore")
+    with pytest.raises(ValueError, match=r"needs the action statistics \['mean', 'std'\], but they have only \['max', 'min'\]"):
+        Preprocessor({"action": {"min": [0.0] * 7, "max": [1.0] * 7}}, space, normalization="meanstd")
+
+
 def test_filter_key_and_stats_cache(tmp_path):
     path = write_tiny(str(tmp_path / "tiny.hdf5"))
     ds = RobomimicDataset(path, [], ["a"], obs_horizon=1, chunk_size=2, filter_key="valid")
