@@ -138,6 +138,8 @@ def test_reader_keypoint_windows(expert_zarr):
     np.testing.assert_array_equal(item["low_dim"][1, :18], root["data/keypoint"][5].ravel())
     np.testing.assert_array_equal(item["low_dim"][1, 18:], root["data/state"][5, :2])
     assert len(ds.stats["low_dim"]["min"]) == 20 and len(ds.stats["action"]["max"]) == 2
+    short = PushTDataset(path, "keypoint", obs_horizon=2, chunk_size=8, pad_after=1)  # 8 - 2 - 1 steps fewer per episode
+    assert len(short) == len(ds) - 5 * ds.num_episodes and short[0]["low_dim"].shape == (2, 20)
 
 
 @pytest.mark.parametrize("obs_mode", ["image", "keypoint"])
@@ -159,8 +161,9 @@ def test_env_observations_match_dataset(expert_zarr, obs_mode):
             assert obs["rgb"][CAMERA].shape == (96, 96, 3) and obs["rgb"][CAMERA].dtype == np.uint8
             assert np.array_equal(obs["rgb"][CAMERA], row["rgb"][CAMERA][0])
         obs, reward, terminated, truncated, info = env.step(row["action"][0])
-        assert 0.0 <= info["score"] <= 1.0 and info["is_success"] == terminated == (info["score"] > 0.95)
-        assert not terminated or t == steps - 1, "the expert stops recording at success"
+        assert 0.0 <= info["coverage"] <= 1.0 and info["is_success"] == terminated == (info["coverage"] > 0.95)
+        assert info["score"] == reward == min(info["coverage"] / 0.95, 1.0)  # gym-pusht's reward is the score
+        assert not terminated or (t == steps - 1 and info["score"] == 1.0), "the expert stops recording at success"
     assert truncated
     env.close()
 

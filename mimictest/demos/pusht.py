@@ -280,14 +280,14 @@ def _run_episode(env: PushTEnv, episode_seed: int) -> tuple[bool, float, dict[st
     obs, info = env.reset(seed=episode_seed)
     expert = PushTExpert(env, np.random.default_rng(episode_seed))
     images, states, actions = [], [], []
-    max_coverage, success = info["score"], False
+    max_coverage, success = info["coverage"], False
     for _ in range(MAX_EPISODE_STEPS):
         images.append(obs["rgb"][CAMERA])
         states.append(env.state())
         action = expert.act().astype(np.float32)  # executed exactly as stored, so replays reproduce the episode
         actions.append(action)
         obs, _, success, _, info = env.step(action)
-        max_coverage = max(max_coverage, info["score"])
+        max_coverage = max(max_coverage, info["coverage"])
         if success:
             break
     states_arr = np.stack(states)  # (T, 5)

@@ -49,6 +49,11 @@ def block_keypoints(block_pose: np.ndarray) -> np.ndarray:
     return BLOCK_KEYPOINTS @ rotation.T + np.array([x, y])
 
 
+def score(coverage: float) -> float:
+    """PushT's score ``clip(coverage / 0.95, 0, 1)`` (gym-pusht's and Diffusion Policy's reward)."""
+    return float(np.clip(coverage / SUCCESS_COVERAGE, 0.0, 1.0))
+
+
 def import_gym_pusht() -> type:
     """gym-pusht's env class, imported without pygame's greeting (pygame renders off-screen here)."""
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -67,7 +72,11 @@ class PushTEnv(gymnasium.Env):
             with the commanded target drawn as a cross.
         video_size: side of the video frames.
 
-    ``info["score"]`` is the goal coverage in [0, 1]; ``terminated`` when it exceeds 0.95.
+    ``info["coverage"]`` is the raw fraction of the goal the T covers, in [0, 1]; ``info["score"]``
+    is ``clip(coverage / 0.95, 0, 1)``, the reward of gym-pusht and Diffusion Policy's ``PushTEnv``,
+    whose episode maximum both Diffusion Policy (``test/mean_score``) and LeRobot
+    (``avg_max_reward``) report as the PushT score. ``terminated`` and ``info["is_success"]`` when
+    the coverage exceeds 0.95 (all three references' success).
     """
 
     metadata = {"render_modes": []}
@@ -124,7 +133,7 @@ class PushTEnv(gymnasium.Env):
         return {"low_dim": np.concatenate([keypoints, agent_pos])}  # (20,)
 
     def _info(self, success: bool, coverage: float) -> dict[str, Any]:
-        info: dict[str, Any] = {"is_success": success, "score": coverage}
+        info: dict[str, Any] = {"is_success": success, "score": score(coverage), "coverage": coverage}
         if self.render_video:
             info["frame"] = self._env.render()
         return info
