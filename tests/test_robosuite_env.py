@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import re
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -20,8 +23,11 @@ from mimictest.envs.robosuite import (
     import_robosuite,
     legacy_osc_pose_config,
     load_env_meta,
+    remap_model_xml,
     translate_controller_config,
 )
+
+ROBOSUITE_141_LIFT = Path(__file__).parent / "data" / "robosuite141_lift.json.gz"
 
 
 def _lift_meta(control_delta: bool) -> dict:
@@ -154,7 +160,39 @@ def test_expert_demos_replay_from_recorded_state(tmp_path: Path) -> None:
             for action in demo["actions"][:]:
                 success = env.step(action)[2] or success
             assert success, f"replaying {name} did not lift the cube"
+        # The same demo recorded on another machine: its assets under someone else's robosuite checkout.
+        demo = data[sorted(data)[0]]
+        foreign = re.sub(r'file="[^"]*/robosuite/models/', 'file="/home/someone/robosuite/robosuite/models/',
+                         demo.attrs["model_file"])
+        assert "/home/someone/robosuite/robosuite/models/assets/bases/" in foreign
+        obs, _ = env.reset_to(demo["states"][0], foreign)
+        recorded = np.concatenate([demo["obs"][key][0] for key in LOW_DIM_KEYS]).astype(np.float32)
+        np.testing.assert_allclose(obs["low_dim"], recorded, atol=1e-5)
+        assert "/home/someone" not in env.model_xml()
     env.close()
+
+
+def test_robosuite_14_model_xml_is_remapped_then_refused_in_one_line(low_dim_env: RobosuiteEnv) -> None:
+    """A real robosuite 1.4.1 Lift model (tests/data, see its "note"): recorded under /tmp/rs14/robosuite."""
+    with gzip.open(ROBOSUITE_141_LIFT, "rt") as fh:
+        recording = json.load(fh)
+    old_xml = recording["model_xml"]
+    assert "/tmp/rs14/robosuite/models/assets/mounts/meshes/rethink_mount/pedestal.stl" in old_xml
+    package = Path(import_robosuite().__file__).parent
+    files = re.findall(r'file="([^"]+)"', remap_model_xml(old_xml))
+    assert len(files) == len(re.findall(r'file="', old_xml)) > 60
+    assert all(f.startswith(str(package)) and os.path.isfile(f) for f in files)  # mounts/ moved to bases/ in 1.5
+    assert str(package / "models/assets/bases/meshes/rethink_mount/pedestal.stl") in files
+    with pytest.raises(ValueError, match=r"^model_xml lacks this env's site\(s\) \['robot0_right_center'.*another "
+                                         r"robosuite version .*reset_to\(state\) without model_xml") as err:
+        low_dim_env.reset_to(np.asarray(recording["states"][0]), old_xml)
+    assert "\n" not in str(err.value)
+    obs, _ = low_dim_env.reset(seed=3)  # nothing was loaded: the env still works
+    assert low_dim_env.observation_space.contains(obs)
+    missing = old_xml.replace("/tmp/rs14/robosuite/models/assets/textures/ceramic.png",
+                              "/tmp/rs14/robosuite/models/assets/textures/gone.png")
+    with pytest.raises(FileNotFoundError, match=r"names 1 asset file\(s\) absent from this robosuite .*gone\.png"):
+        low_dim_env.reset_to(np.asarray(recording["states"][0]), missing)
 
 
 def test_writer_refuses_overwrite_and_never_leaves_partial_files(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,6 +32,8 @@ _LEGACY_ARM_TYPES = ("OSC_POSE", "OSC_POSITION", "IK_POSE", "JOINT_POSITION", "J
 _RENAMED_KEYS = {"damping": "damping_ratio", "damping_limits": "damping_ratio_limits"}
 # robomimic low-dim names that differ from robosuite observable names.
 _ROBOMIMIC_TO_ROBOSUITE = {"object": "object-state"}
+# Asset folders robosuite 1.5 renamed, relative to robosuite/models/assets (robot mounts became bases).
+_MOVED_ASSET_DIRS = {"mounts": "bases"}
 
 
 class _DropBelowError(logging.Filter):
@@ -149,6 +152,32 @@ def translate_controller_config(cfg: dict, robot: str, absolute: bool | None = N
     from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
 
     return refactor_composite_controller_config(part, robot, _robot_arms(robot))
+
+
+def remap_model_xml(model_xml: str) -> str:
+    """Point a recorded MJCF's mesh and texture files at this machine's robosuite.
+
+    robomimic's ``EnvRobosuite.reset_to`` (robomimic/envs/env_robosuite.py) passes the demo's
+    ``model_file`` through robosuite's ``edit_model_xml`` (``postprocess_model_xml`` before
+    robosuite 1.4): every ``file`` path of an ``<asset>`` mesh or texture that has a ``robosuite``
+    component keeps what follows the last one, under the installed package's folder. robosuite
+    1.5 also renamed ``models/assets/mounts`` to ``models/assets/bases``, which robosuite 1.4 files
+    name, so that folder is renamed too. Backslashes count as separators; paths without a
+    ``robosuite`` component are kept.
+    """
+    package = Path(import_robosuite().__file__).parent
+    root = ET.fromstring(model_xml)
+    asset = root.find("asset")
+    for elem in [] if asset is None else [*asset.findall("mesh"), *asset.findall("texture")]:
+        old = elem.get("file")
+        parts = [] if old is None else old.replace("\\", "/").split("/")  # a Windows recording's too
+        if "robosuite" not in parts:
+            continue
+        rest = parts[max(i for i, part in enumerate(parts) if part == "robosuite") + 1 :]
+        if rest[:2] == ["models", "assets"] and len(rest) > 2:
+            rest[2] = _MOVED_ASSET_DIRS.get(rest[2], rest[2])
+        elem.set("file", str(package.joinpath(*rest)))
+    return ET.tostring(root, encoding="unicode")
 
 
 class RobosuiteEnv(gymnasium.Env):
@@ -320,9 +349,34 @@ class RobosuiteEnv(gymnasium.Env):
         return self._env.sim.model.get_xml()
 
     def reset_to(self, state: np.ndarray, model_xml: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Reset to a recorded flattened state, first reloading ``model_xml`` if given (robomimic convention)."""
+        """Reset to a recorded flattened state, first reloading ``model_xml`` if given (robomimic convention).
+
+        The model's asset paths are remapped to this machine's robosuite (``remap_model_xml``). A
+        model whose element names are not this env's (robosuite <= 1.4 names the gripper's sites
+        ``gripper0_grip_site``, robosuite 1.5 ``gripper0_right_grip_site``) is refused before
+        anything is loaded, so the env stays usable.
+        """
         if model_xml is not None:
-            self._env.reset_from_xml_string(self._env.edit_model_xml(model_xml))
+            xml = remap_model_xml(model_xml)
+            root = ET.fromstring(xml)
+            files = [e.get("file") for e in root.iter() if e.tag in ("mesh", "texture") and e.get("file")]
+            missing_files = [f for f in files if os.path.isabs(f) and not os.path.isfile(f)]
+            if missing_files:
+                raise FileNotFoundError(
+                    f"model_xml names {len(missing_files)} asset file(s) absent from this robosuite "
+                    f"{import_robosuite().__version__}, e.g. {missing_files[0]!r}; it was recorded with another "
+                    "robosuite version: reset_to(state) without model_xml, or install the version that recorded it"
+                )
+            sites = {e.get("name") for e in root.iter("site")}
+            absent = [name for name in self._env.sim.model.site_names if name not in sites]
+            if absent:
+                raise ValueError(
+                    f"model_xml lacks this env's site(s) {absent[:3]} (it has {sorted(sites)[:3]}...): it was written "
+                    f"by another robosuite version (<= 1.4 names them gripper0_*, 1.5 gripper0_right_*) and robosuite "
+                    f"{import_robosuite().__version__} cannot run it; reset_to(state) without model_xml restores the "
+                    "state in this env's own model, or use robomimic's datasets regenerated for robosuite 1.5 (v0.4+)"
+                )
+            self._env.reset_from_xml_string(xml)
             self._env.sim.reset()
         state = np.asarray(state, dtype=np.float64).ravel()
         expected = 1 + self._env.sim.model.nq + self._env.sim.model.nv
