@@ -19,6 +19,12 @@ An episode's score is the best ``info["score"]`` it reached (PushT's coverage, s
 reward when the env gives none. Success rates come with 95% Wilson intervals, per task and over
 all episodes, plus the mean over tasks. Under accelerate, each process evaluates its share and the
 results are gathered.
+
+Workers that die or hang (``step_timeout_s``) are restarted and their episode is run again from
+its start (``mimictest.envs.vector.RestartingVecEnv``), so results do not depend on the failures;
+each record counts its episode's restarts and the summary adds them up. An episode whose worker
+fails ``max_worker_failures`` times in a row stops the evaluation with an ``EvaluationError``
+whose message is one line naming the task and the start.
 """
 
 from __future__ import annotations
@@ -37,8 +43,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mimictest.envs.vector import ScheduledEnv, Start, make_vec_env, unflatten
+from mimictest.envs.vector import RestartingVecEnv, ScheduledEnv, Start, WorkerError, make_vec_env, unflatten
 from mimictest.preprocess import Preprocessor
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation stopped because an env worker kept failing; ``str(error)`` is one line naming the
+    task and the start (seed) of the episode."""
 
 
 class Predictor:
@@ -152,6 +163,10 @@ class Evaluator:
         video_fps: frames per second of those videos.
         temporal_ensemble: ACT's ensembling coefficient (e.g. 0.01), or ``None`` to execute
             ``[exec_start, exec_end)`` of each chunk open-loop.
+        step_timeout_s: a worker that takes longer than this over one step (or reset) is taken for
+            hung, killed and restarted.
+        max_worker_failures: failures of a worker on one episode (died or hung) that stop the
+            evaluation with ``EvaluationError``; fewer are restarts, and the episode runs again.
     """
 
     tasks: list[EvalTask]
@@ -163,7 +178,9 @@ class Evaluator:
     num_videos: int = 2
     video_fps: int = 20
     temporal_ensemble: float | None = None
-    _venv: object = field(default=None, init=False, repr=False)
+    step_timeout_s: float = 120.0
+    max_worker_failures: int = 3
+    _venv: RestartingVecEnv | None = field(default=None, init=False, repr=False)
     _venv_key: tuple = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -174,6 +191,9 @@ class Evaluator:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"EvalTask names must be distinct, got {names}")
+        if self.step_timeout_s <= 0 or self.max_worker_failures < 1:
+            raise ValueError(f"need step_timeout_s > 0 and max_worker_failures >= 1, got {self.step_timeout_s} and "
+                             f"{self.max_worker_failures}")
 
     @property
     def num_episodes(self) -> int:
@@ -215,8 +235,11 @@ class Evaluator:
             self._venv.close()
             self._venv = None
 
-    def _workers(self, mine: list[tuple[int, int, Start]], videos: bool) -> tuple[object, list[list]]:
-        """The vector env for this process's episodes (kept between evaluations) and each worker's schedule."""
+    def _workers(self, mine: list[tuple[int, int, Start]], videos: bool) -> tuple[RestartingVecEnv, list[list]]:
+        """The vector env for this process's episodes (kept between evaluations) and each worker's schedule.
+
+        Even a single worker runs in its own process, so that its death or hang cannot take this one with it.
+        """
         num_envs = min(self.num_envs, len(mine))
         schedules = [mine[w::num_envs] for w in range(num_envs)]
         key = (tuple((k, j) for k, j, _ in mine), videos)
@@ -224,22 +247,43 @@ class Evaluator:
             self.close()
             fns = [partial(ScheduledEnv, [partial(t.make_env, render_video=videos and w == 0) for t in self.tasks],
                            [(k, start) for k, _, start in schedule]) for w, schedule in enumerate(schedules)]
-            self._venv = make_vec_env(fns, subprocess=num_envs > 1)
+            try:
+                self._venv = make_vec_env(fns, timeout_s=self.step_timeout_s, max_failures=self.max_worker_failures)
+            except WorkerError as e:
+                raise self._error(e, schedules) from e
             self._venv_key = key
-        else:
-            self._venv.env_method("rewind")
         return self._venv, schedules
+
+    def _error(self, e: WorkerError, schedules: list[list]) -> EvaluationError:
+        """``EvaluationError`` naming the task and start of the episode that worker ``e.worker`` kept failing on."""
+        self.close()
+        schedule = schedules[e.worker]
+        k, j, start = schedule[min(e.episode, len(schedule) - 1)]
+        named = f"seed {start}" if isinstance(start, int) else "a saved initial state"
+        return EvaluationError(f"evaluation stopped: the env worker running {self.tasks[k].name!r} episode {j} ({named}) "
+                               f"failed {e.failures} time(s) in a row, last because {e.reason}; its own error, if any, is "
+                               f"printed above (Evaluator.max_worker_failures={self.max_worker_failures}, "
+                               f"step_timeout_s={self.step_timeout_s:g})")
 
     def rollouts(self, predictor: Predictor, rank: int = 0, world: int = 1, video_dir: str | None = None,
                  progress: bool = True) -> list[dict]:
-        """Run process ``rank``'s share (of ``world``) of the episodes; one record per episode."""
+        """Run process ``rank``'s share (of ``world``) of the episodes; one record per episode (none for a
+        process without episodes). Raises ``EvaluationError`` when a worker keeps failing on one episode."""
         mine = self.episodes()[rank::world]
         if not mine:
             return []
         venv, schedules = self._workers(mine, video_dir is not None and self.num_videos > 0)
+        try:
+            return self._run(predictor, venv, schedules, rank, len(mine), video_dir, progress)
+        except WorkerError as e:
+            raise self._error(e, schedules) from e
+
+    def _run(self, predictor: Predictor, venv: RestartingVecEnv, schedules: list[list], rank: int, total: int, video_dir: str | None,
+             progress: bool) -> list[dict]:
         num_envs = len(schedules)
         done_count = [0] * num_envs  # finished episodes of each worker
         obs = unflatten(venv.reset())
+        restarts = [int("worker_restart" in info) for info in venv.reset_infos]  # of each worker's current episode
         # (num_envs, T_obs, ...): the newest observation last; a reset fills the whole window.
         history = new_history(obs, self.obs_horizon)
         queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
@@ -249,7 +293,7 @@ class Evaluator:
         steps, score_max = np.zeros(num_envs, int), np.full(num_envs, -np.inf)
         frames: list[np.ndarray] = []
         records: list[dict] = []
-        bar = tqdm(total=len(mine), desc="eval", unit="episode", disable=not progress, leave=False)
+        bar = tqdm(total=total, desc="eval", unit="episode", disable=not progress, leave=False)
 
         def running(i: int) -> bool:
             return done_count[i] < len(schedules[i])
@@ -281,14 +325,21 @@ class Evaluator:
                 if "frame" in infos[0] and running(0) and _videos_done(records) < self.num_videos:
                     frames.append(infos[0]["frame"])
                 push_history(history, obs)
-                for i in np.flatnonzero(dones):
-                    if running(i):
+                restarted = np.array(["worker_restart" in info for info in infos])
+                for i in np.flatnonzero(dones | restarted):
+                    if restarted[i]:  # a fresh worker: obs[i] is the interrupted episode's first observation again
+                        restarts[i] += 1
+                        if i == 0:
+                            frames = []
+                    elif running(i):
                         k, j, start = schedules[i][done_count[i]]
                         records.append({"task": self.tasks[k].name, "episode": j,
                                         "seed": start if isinstance(start, int) else None, "rank": rank, "env": int(i),
                                         "success": bool(infos[i].get("is_success", False)),
-                                        "length": int(steps[i]), "max_score": float(score_max[i])})
+                                        "length": int(steps[i]), "max_score": float(score_max[i]),
+                                        "restarts": restarts[i]})
                         done_count[i] += 1
+                        restarts[i] = 0
                         bar.update(1)
                         if i == 0 and frames and video_dir is not None:
                             name = f"{self.tasks[k].name}_episode{j}" if len(self.tasks) > 1 else f"rank{rank}_episode{j}"
@@ -383,11 +434,12 @@ def _rates(records: list[dict]) -> dict:
 
 def summarize(records: list[dict]) -> dict:
     """Over all episodes: success rate (%) with its 95% Wilson interval, episode count, mean length
-    (steps) and the mean of each episode's best score; per task the same, and the mean of the
-    tasks' success rates."""
+    (steps), the mean of each episode's best score and the worker restarts; per task the same but
+    restarts, and the mean of the tasks' success rates."""
     tasks = list(dict.fromkeys(r["task"] for r in records))
     per_task = {t: _rates([r for r in records if r["task"] == t]) for t in tasks}
     return {**_rates(records), "mean_task_success": float(np.mean([v["success_rate"] for v in per_task.values()])),
+            "worker_restarts": sum(r.get("restarts", 0) for r in records),  # records made before restarts were counted have none
             "tasks": per_task}
 
 

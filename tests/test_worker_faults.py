@@ -1,0 +1,116 @@
+"""Evaluations that survive their env workers (``RestartingVecEnv`` under the ``Evaluator``).
+
+The scripted env of ``tests/test_evaluate.py`` kills itself with SIGKILL (as ``kill -9`` would),
+hangs, or raises, on chosen episodes; a marker file makes a fault fire once per episode, so the
+rerun of the episode succeeds, as after a sporadic crash. Every faulty evaluation must give the
+outcomes of a fault-free one, with its restarts counted; an episode that fails every time stops
+the evaluation with one line naming the task and the seed; and no worker outlives its parent.
+
+Run as a script (``python tests/test_worker_faults.py PID_DIR``), this file starts an evaluation
+whose workers hang, for the orphan test to kill.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+
+import pytest
+
+from mimictest.evaluate import EvalTask, EvaluationError, Evaluator, summarize
+from test_evaluate import ScriptedEnv, outcomes, step_predictor
+
+
+def evaluate(make_env, episodes: int, num_envs: int = 2, **settings) -> list[dict]:
+    evaluator = Evaluator(tasks=[EvalTask("scripted", make_env, episodes)], num_envs=num_envs, obs_horizon=2,
+                          exec_start=1, exec_end=3, num_videos=0, **settings)
+    try:
+        return evaluator.rollouts(step_predictor(), progress=False)
+    finally:
+        evaluator.close()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def pids(folder) -> list[int]:
+    return [int(name) for name in os.listdir(folder)]
+
+
+@pytest.fixture(scope="module")
+def fault_free() -> dict:
+    return outcomes(evaluate(ScriptedEnv, 60))
+
+
+def test_a_worker_killed_every_20_episodes(tmp_path, fault_free):
+    seeds = (100_000, 100_020, 100_040)  # episodes 0, 20 and 40 of 60
+    make = partial(ScriptedEnv, fault="kill", fault_seeds=seeds, fault_step=2, marker_dir=str(tmp_path))
+    records = evaluate(make, 60)
+    assert len(records) == 60 and outcomes(records) == fault_free
+    assert {r["seed"]: r["restarts"] for r in records if r["restarts"]} == {s: 1 for s in seeds}
+    assert summarize(records)["worker_restarts"] == 3
+    assert sorted(os.listdir(tmp_path)) == [f"kill{s}" for s in seeds]
+
+
+def test_kills_while_resetting_rerun_the_episode(tmp_path, fault_free):
+    """A kill in the first reset, and one in a worker's reset after its episode 100001 ended: that
+    episode's result died with the process, so it runs again."""
+    make = partial(ScriptedEnv, fault="kill", fault_seeds=(100_000, 100_003), fault_step=None, marker_dir=str(tmp_path))
+    records = evaluate(make, 6)
+    assert outcomes(records) == {key: v for key, v in fault_free.items() if key[1] < 6}
+    assert {r["seed"]: r["restarts"] for r in records if r["restarts"]} == {100_000: 1, 100_001: 1}
+    assert summarize(records)["worker_restarts"] == 2
+
+
+def test_a_hung_worker_is_restarted_after_the_timeout(tmp_path, fault_free):
+    markers, workers = tmp_path / "markers", tmp_path / "pids"
+    markers.mkdir(), workers.mkdir()
+    make = partial(ScriptedEnv, fault="hang", fault_seeds=(100_002,), fault_step=1, marker_dir=str(markers),
+                   pid_dir=str(workers))
+    records = evaluate(make, 5, step_timeout_s=0.5)
+    assert outcomes(records) == {key: v for key, v in fault_free.items() if key[1] < 5}
+    assert [r["seed"] for r in records if r["restarts"]] == [100_002] and summarize(records)["worker_restarts"] == 1
+    assert len(pids(workers)) == 3 and not any(alive(pid) for pid in pids(workers))  # the hung one was killed
+
+
+@pytest.mark.parametrize("fault", ["raise", "kill"])
+def test_an_episode_that_always_fails_stops_with_one_line(tmp_path, fault):
+    make = partial(ScriptedEnv, fault=fault, fault_seeds=(100_003,), fault_step=1, pid_dir=str(tmp_path))
+    with pytest.raises(EvaluationError) as error:
+        evaluate(make, 6, max_worker_failures=2)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "'scripted' episode 3 (seed 100003) failed 2 time(s) in a row" in message
+    assert ("exited with code 1" if fault == "raise" else "killed by signal 9") in message
+    assert not any(alive(pid) for pid in pids(tmp_path))  # the evaluator closed its other workers too
+
+
+def test_workers_die_with_their_parent(tmp_path):
+    trainer = subprocess.Popen([sys.executable, __file__, str(tmp_path)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(pids(tmp_path)) < 2 and time.monotonic() < deadline and trainer.poll() is None:
+        time.sleep(0.05)
+    workers = pids(tmp_path)
+    assert len(workers) == 2 and all(alive(pid) for pid in workers)
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphans = [pid for pid in workers if alive(pid)]
+    for pid in orphans:  # leave no orphan behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans, f"workers {orphans} outlived their parent"
+
+
+if __name__ == "__main__":  # the "trainer" of test_workers_die_with_their_parent: its two workers hang in step 0
+    hang = partial(ScriptedEnv, fault="hang", fault_seeds=(100_000, 100_001), fault_step=0, pid_dir=sys.argv[1])
+    evaluate(hang, 2, step_timeout_s=3600)
