@@ -40,7 +40,7 @@ from mimictest.preprocess import ActionSpace, Preprocessor
 class BenchConfig:
     """Shapes and network of one policy x benchmark configuration."""
 
-    policy: str  # "diffusion-unet" | "diffusion-transformer" | "act"
+    policy: str  # "diffusion-unet" | "diffusion-transformer" | "act" | "rt1"
     cams: tuple[str, ...]
     image: tuple[int, int] | None
     crop: tuple[int, int] | None
@@ -53,6 +53,8 @@ class BenchConfig:
     net: dict = field(default_factory=dict)
 
 
+RT1_LIFT_NET = {"efficientnet": "efficientnet_b0", "token_dim": 256, "d_model": 256, "nhead": 4, "num_layers": 4,
+                "dim_feedforward": 1024}
 CONFIGS: dict[str, BenchConfig] = {
     # Diffusion Policy's PushT image configuration (Chi et al. 2023), the LeRobot comparison point.
     "dp-pusht-image": BenchConfig("diffusion-unet", ("image",), (96, 96), (84, 84), 2, 2, None, 2, 16, 32,
@@ -75,6 +77,16 @@ CONFIGS: dict[str, BenchConfig] = {
     # Script/ACTImageTransferCube.py: the CPU-sized ACT (120x160 top camera, d_model 256).
     "act-aloha-small": BenchConfig("act", ("top",), (120, 160), None, 14, 14, None, 1, 100, 8,
                                    {"d_model": 256, "dim_feedforward": 1024}),
+    # RT-1 at the paper's size (Brohan et al. 2022): one 300x300 camera, 6 frames, EfficientNet-B3, 8 tokens per
+    # image, 8 layers of width 512 with 8 heads, 256 bins for each of 11 action dims, batch 32 (FiLM off: no instruction).
+    "rt1-paper": BenchConfig("rt1", ("image",), (300, 300), None, 0, 11, None, 6, 1, 32,
+                             {"efficientnet": "efficientnet_b3", "bins": 256}),
+    # Script/RT1ImageLift.py: the CPU-sized RT-1 (EfficientNet-B0, 1 frame, 4 layers of width 256), continuous chunks,
+    # and the same network with RT-1's 256-bin head.
+    "rt1-lift-image": BenchConfig("rt1", ("agentview_image", "robot0_eye_in_hand_image"), (84, 84), (76, 76), 9, 7,
+                                  "axis_angle", 1, 16, 32, RT1_LIFT_NET),
+    "rt1-lift-image-discrete": BenchConfig("rt1", ("agentview_image", "robot0_eye_in_hand_image"), (84, 84), (76, 76), 9,
+                                           7, "axis_angle", 1, 16, 32, {**RT1_LIFT_NET, "bins": 256}),
 }
 
 
@@ -107,6 +119,12 @@ def build_policy(cfg: BenchConfig, action_range: tuple[list[float], list[float]]
         from mimictest.policies.act import ACTPolicy
 
         return ACTPolicy(ACT(cams=cfg.cams, low_dim_dim=cfg.low_dim, action_dim=A, chunk_size=cfg.chunk, **cfg.net)), preprocess
+    if cfg.policy == "rt1":
+        from mimictest.nets.rt1 import RT1
+        from mimictest.policies.regression import RegressionPolicy
+
+        net = RT1(A, cfg.chunk, cfg.obs_horizon, cfg.cams, low_dim_dim=cfg.low_dim, **cfg.net)
+        return RegressionPolicy(net, loss="l1" if net.bins is None else "ce"), preprocess
     raise ValueError(f"unknown policy {cfg.policy!r}")
 
 
