@@ -194,7 +194,7 @@ class AlohaDataset(WindowDataset):
             rgb = _load_images(self.paths, cams, episode_ends, self.image_size)  # {cam: (N, H, W, 3)}
         else:
             rgb = {cam: _LazyImages(self.paths, cam, episode_ends) for cam in cams}
-        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, pad_after=pad_after)
+        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, pad_after=pad_after, source=folder)
         arrays = {"action": action, "qpos": low_dim}
         stats = cached_stats(folder, list(arrays), lambda key: array_stats(arrays[key]))
         self.stats = {"action": stats["action"], "low_dim": stats["qpos"]}

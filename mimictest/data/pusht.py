@@ -23,7 +23,7 @@ import numcodecs
 import numpy as np
 import zarr
 
-from mimictest.data.stats import Stats, array_stats, cached_stats, concat_stats
+from mimictest.data.stats import array_stats, cached_stats, concat_stats
 from mimictest.data.windows import WindowDataset, check_episode_ends
 
 OBS_MODES = ("image", "keypoint")
@@ -140,7 +140,8 @@ class PushTDataset(WindowDataset):
             try:
                 check_episode_ends(episode_ends, len(array))
             except ValueError as err:
-                raise ValueError(f"{path!r}: meta/episode_ends does not match data/{name} ({err})") from err
+                raise ValueError(f"{path!r}: meta/episode_ends does not match data/{name} ({err}); re-copy the "
+                                 f"dataset, or {HOW_TO_GET}") from err
         action = arrays["action"][:].astype(np.float32)  # (N, 2)
         agent_pos = arrays["state"][:, :2].astype(np.float32)  # (N, 2)
         rgb = None
@@ -161,17 +162,12 @@ class PushTDataset(WindowDataset):
         else:
             keypoints = arrays["keypoint"][:].astype(np.float32)
             low_dim = np.concatenate([keypoints.reshape(len(keypoints), -1), agent_pos], axis=1)  # (N, 2K + 2)
-        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, pad_after=pad_after)
+        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, pad_after=pad_after, source=path)
         columns = {"action": action, "agent_pos": agent_pos}
         if obs_mode == "keypoint":
             columns["keypoint"] = low_dim[:, :-2]
 
-        def compute(key: str) -> Stats:
-            if not np.isfinite(columns[key]).all():
-                raise ValueError(f"{path!r}: the {key} data contains NaN or inf; remove or repair those episodes")
-            return array_stats(columns[key])
-
-        raw = cached_stats(path, list(columns), compute)
+        raw = cached_stats(path, list(columns), lambda key: array_stats(columns[key]))  # NaN / inf refused above
         self.stats = {"action": raw["action"]}
         parts = [raw["keypoint"], raw["agent_pos"]] if obs_mode == "keypoint" else [raw["agent_pos"]]
         self.stats["low_dim"] = concat_stats(parts)

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from mimictest.data.stats import Stats, array_stats, cached_stats, concat_stats
-from mimictest.data.windows import WindowDataset
+from mimictest.data.windows import WindowDataset, nonfinite
 from mimictest.preprocess import per_camera
 
 
@@ -60,22 +60,54 @@ def demo_names(f: h5py.File, filter_key: str | None = None) -> list[str]:
     return names
 
 
-def _check_obs_keys(f: h5py.File, demo: str, keys: list[str]) -> None:
-    available = sorted(f[f"data/{demo}/obs"].keys())
-    missing = [k for k in keys if k not in available]
-    if missing:
-        raise KeyError(
-            f"{f.filename!r} has no observation key(s) {missing} (in data/{demo}/obs); available keys: {available}. "
-            "Set RGB_KEYS / LOW_DIM_KEYS in the script to keys the file has, or regenerate it with images "
-            "(robomimic's dataset_states_to_obs.py, or `python -m mimictest.demos lift --image`)"
+STATES_TO_OBS = (
+    "python robomimic/scripts/dataset_states_to_obs.py --dataset {path} --output_name low_dim.hdf5 --done_mode 2 "
+    "(add --camera_names agentview robot0_eye_in_hand --camera_height 84 --camera_width 84 for images)"
+)
+
+
+def _check_layout(f: h5py.File, names: list[str], keys: list[str]) -> None:
+    """Every demo has ``actions`` and the observation keys; a raw robosuite ``demo.hdf5`` is named as such."""
+    path = f.filename
+    if "env_args" not in f["data"].attrs and "env" in f["data"].attrs:
+        raise ValueError(
+            f"{path!r} is a raw robosuite demo.hdf5 (data.attrs has 'env' but no 'env_args', and the demos hold states "
+            "but no obs/): convert it with robomimic, `python robomimic/scripts/conversion/convert_robosuite.py "
+            f"--dataset {path}`, then `{STATES_TO_OBS.format(path=path)}`, and set DATASET_PATH to the output"
         )
+    no_actions = [n for n in names if "actions" not in f[f"data/{n}"]]
+    if no_actions:
+        raise KeyError(
+            f"{path!r}: {len(no_actions)} of {len(names)} demos have no 'actions' dataset (first: data/{no_actions[0]}, "
+            f"which holds {sorted(f[f'data/{no_actions[0]}'].keys())}); a robomimic demo stores actions (T, A) beside "
+            "obs/ and states: re-export the file, or drop those demos with a filter key (mask/<name>)"
+        )
+    no_obs = [n for n in names if "obs" not in f[f"data/{n}"]]
+    if no_obs:
+        raise KeyError(
+            f"{path!r}: data/{no_obs[0]} ({len(no_obs)} of {len(names)} demos) has no obs/ group, only "
+            f"{sorted(f[f'data/{no_obs[0]}'].keys())}: robomimic's observation extraction was not run; run "
+            f"`{STATES_TO_OBS.format(path=path)}` and set DATASET_PATH to the output"
+        )
+    for demo in names:
+        available = sorted(f[f"data/{demo}/obs"].keys())
+        missing = [k for k in keys if k not in available]
+        if missing:
+            raise KeyError(
+                f"{path!r} has no observation key(s) {missing} (in data/{demo}/obs); available keys: {available}. "
+                "Set RGB_KEYS / LOW_DIM_KEYS in the script to keys the file has, or regenerate it with images "
+                "(robomimic's dataset_states_to_obs.py, or `python -m mimictest.demos lift --image`)"
+            )
 
 
 def _key_stats(f: h5py.File, names: list[str], dataset: str) -> Stats:
     arrays = [f[f"data/{n}/{dataset}"][()] for n in names]
     for name, arr in zip(names, arrays):
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{f.filename!r}: data/{name}/{dataset} contains NaN or inf; remove or repair that demo")
+        found = nonfinite(arr)
+        if found is not None:
+            count, step, dim = found
+            raise ValueError(f"{f.filename!r}: data/{name}/{dataset} contains {count} NaN/inf value(s), the first at "
+                             f"step {step}, dim {dim}; remove or repair that demo")
     return array_stats(np.concatenate([a.reshape(len(a), -1) for a in arrays]))
 
 
@@ -83,6 +115,7 @@ def _file_stats(path: str, datasets: list[str]) -> dict[str, Stats]:
     """Statistics of ``actions`` / ``obs/<key>`` over every demo in the file, cached beside it."""
     with _open(path) as f:
         names = demo_names(f)
+        _check_layout(f, names, [d[len("obs/"):] for d in datasets if d.startswith("obs/")])
         return cached_stats(path, datasets, lambda d: _key_stats(f, names, d))
 
 
@@ -146,9 +179,10 @@ class RobomimicDataset(WindowDataset):
         self.path = path
         with _open(path) as f:
             names = demo_names(f, filter_key)
-            _check_obs_keys(f, names[0], list(rgb_keys) + list(low_dim_keys))
+            _check_layout(f, names, list(rgb_keys) + list(low_dim_keys))
             if "env_args" not in f["data"].attrs:
-                raise KeyError(f"{path!r} has no data.attrs['env_args']; evaluation cannot rebuild its environment")
+                raise KeyError(f"{path!r} has no data.attrs['env_args'], so evaluation cannot rebuild its environment; "
+                               "robomimic's conversion/convert_robosuite.py writes it")
             self.env_meta = json.loads(f["data"].attrs["env_args"])
             lengths = np.array([f[f"data/{n}/actions"].shape[0] for n in names])
             episode_ends = np.cumsum(lengths)
@@ -176,11 +210,11 @@ class RobomimicDataset(WindowDataset):
                     rgb[key] = np.concatenate([f[f"data/{n}/obs/{key}"][()] for n in names])  # (N, H, W, 3) uint8
                 else:
                     rgb[key] = _LazyImages(path, names, key, episode_ends)
-        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, pad_after=pad_after)
+        raw = _file_stats(path, ["actions"] + [f"obs/{k}" for k in low_dim_keys])  # rejects NaN / inf, naming the demo
+        super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, pad_after=pad_after, source=path)
         self.demo_names = names
         controller = self.env_meta.get("env_kwargs", {}).get("controller_configs", {})
         self.absolute_actions = controller_is_absolute(controller)
-        raw = _file_stats(path, ["actions"] + [f"obs/{k}" for k in low_dim_keys])  # also rejects NaN / inf
         self.stats = {"action": raw["actions"]}
         if low_dim_keys:
             self.stats["low_dim"] = concat_stats([raw[f"obs/{k}"] for k in low_dim_keys])

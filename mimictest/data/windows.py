@@ -58,6 +58,27 @@ def check_episode_ends(episode_ends: np.ndarray, num_steps: int) -> np.ndarray:
     return ends
 
 
+def nonfinite(array: np.ndarray) -> tuple[int, int, int] | None:
+    """``(count, row, dim)`` of the NaN / inf values of ``(N, ...)`` data (the first one's row and flattened
+    dim), or ``None`` when every value is finite."""
+    bad = ~np.isfinite(np.asarray(array).reshape(len(array), -1))  # (N, d)
+    if not bad.any():
+        return None
+    row, dim = np.argwhere(bad)[0]
+    return int(bad.sum()), int(row), int(dim)
+
+
+def check_finite(array: np.ndarray, name: str, episode_ends: np.ndarray) -> None:
+    """Refuse NaN / inf in flat ``(N, ...)`` data, naming the first bad episode, step and dim."""
+    found = nonfinite(array)
+    if found is not None:
+        count, row, dim = found
+        episode = int(np.searchsorted(episode_ends, row, side="right"))
+        step = row - (int(episode_ends[episode - 1]) if episode else 0)
+        raise ValueError(f"{name} holds {count} NaN/inf value(s), the first at episode {episode}, step {step}, "
+                         f"dim {dim} (flat row {row}); remove or repair that episode")
+
+
 class WindowIndex:
     """Maps a sample index to the flat row indices of its observation and action windows.
 
@@ -123,6 +144,9 @@ class WindowDataset(Dataset):
         episode_lang: ``E`` instruction strings, one per episode, or ``None``.
         pad_after: the most actions of a window past its episode's end (``WindowIndex``);
             ``None``: every timestep is a sample.
+        source: the dataset's path, named in error messages.
+
+    NaN or inf in ``action`` or ``low_dim`` is refused with its episode, step and dim.
 
     Items: ``{"action": (chunk, A), "is_pad": (chunk,), "low_dim": (T_obs, D),
     "rgb": {camera: (T_obs, H_c, W_c, 3)}, "task": int64, "lang": str}``, each key only when the
@@ -141,12 +165,17 @@ class WindowDataset(Dataset):
         task_names: list[str] | None = None,
         episode_lang: list[str] | None = None,
         pad_after: int | None = None,
+        source: str | None = None,
     ) -> None:
         self.episode_ends = check_episode_ends(episode_ends, len(action))
         rgb = dict(rgb or {})
         for name, arr in (("low_dim", low_dim), *((f"rgb[{cam!r}]", a) for cam, a in rgb.items())):
             if isinstance(arr, np.ndarray) and len(arr) != len(action):
                 raise ValueError(f"{name} has {len(arr)} rows but action has {len(action)}; the file is inconsistent")
+        where = f"{source!r}: " if source else ""
+        check_finite(action, f"{where}action", self.episode_ends)  # every load, even with cached statistics
+        if low_dim is not None:
+            check_finite(low_dim, f"{where}low_dim", self.episode_ends)
         num_episodes = len(self.episode_ends)
         if episode_task is not None:
             episode_task = np.asarray(episode_task, dtype=np.int64)
