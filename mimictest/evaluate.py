@@ -260,10 +260,10 @@ class Evaluator:
         schedule = schedules[e.worker]
         k, j, start = schedule[min(e.episode, len(schedule) - 1)]
         named = f"seed {start}" if isinstance(start, int) else "a saved initial state"
-        return EvaluationError(f"evaluation stopped: the env worker running {self.tasks[k].name!r} episode {j} ({named}) "
-                               f"failed {e.failures} time(s) in a row, last because {e.reason}; its own error, if any, is "
-                               f"printed above (Evaluator.max_worker_failures={self.max_worker_failures}, "
-                               f"step_timeout_s={self.step_timeout_s:g})")
+        return EvaluationError(
+            f"evaluation stopped: the env worker running {self.tasks[k].name!r} episode {j} ({named}) failed "
+            f"{e.failures} time(s) in a row, last because {e.reason}; its own error, if any, is printed above "
+            f"(Evaluator.max_worker_failures={self.max_worker_failures}, step_timeout_s={self.step_timeout_s:g})")
 
     def rollouts(self, predictor: Predictor, rank: int = 0, world: int = 1, video_dir: str | None = None,
                  progress: bool = True) -> list[dict]:
@@ -278,8 +278,8 @@ class Evaluator:
         except WorkerError as e:
             raise self._error(e, schedules) from e
 
-    def _run(self, predictor: Predictor, venv: RestartingVecEnv, schedules: list[list], rank: int, total: int, video_dir: str | None,
-             progress: bool) -> list[dict]:
+    def _run(self, predictor: Predictor, venv: RestartingVecEnv, schedules: list[list], rank: int, total: int,
+             video_dir: str | None, progress: bool) -> list[dict]:
         num_envs = len(schedules)
         done_count = [0] * num_envs  # finished episodes of each worker
         obs = unflatten(venv.reset())
@@ -439,7 +439,7 @@ def summarize(records: list[dict]) -> dict:
     tasks = list(dict.fromkeys(r["task"] for r in records))
     per_task = {t: _rates([r for r in records if r["task"] == t]) for t in tasks}
     return {**_rates(records), "mean_task_success": float(np.mean([v["success_rate"] for v in per_task.values()])),
-            "worker_restarts": sum(r.get("restarts", 0) for r in records),  # records made before restarts were counted have none
+            "worker_restarts": sum(r.get("restarts", 0) for r in records),  # hand-made records may have none
             "tasks": per_task}
 
 

@@ -10,8 +10,6 @@
 """
 
 import os
-import signal
-import time
 from functools import partial
 
 import gymnasium as gym
@@ -43,42 +41,16 @@ class ScriptedEnv(gym.Env):
     Observations: ``low_dim = (step t, seed)``. ``info["score"]`` is ``t``, ``info["frame"]`` (with
     ``render_video``) a ``(16, 16, 3)`` frame of grey level ``20 t``. With ``log_dir``, every run of
     an episode appends a ``reset`` line, then one ``t a0 a1`` line per executed action, to
-    ``<log_dir>/<seed>.txt`` (a worker past its schedule runs its last episode again); with
-    ``pid_dir``, the worker leaves ``<pid_dir>/<pid>``.
-
-    Faults, on the episodes of ``fault_seeds``, at step ``fault_step`` (``None``: in ``reset``):
-    ``"kill"`` SIGKILLs this process, ``"hang"`` sleeps for an hour, ``"raise"`` raises. With
-    ``marker_dir`` each episode faults once (a marker file remembers it), as a sporadic crash would;
-    without, every time, as a start that breaks the simulator would.
+    ``<log_dir>/<seed>.txt`` (a worker past its schedule runs its last episode again).
     """
 
-    def __init__(self, base: int = 3, render_video: bool = False, log_dir: str | None = None,
-                 pid_dir: str | None = None, fault: str | None = None, fault_seeds: tuple[int, ...] = (),
-                 fault_step: int | None = 1, marker_dir: str | None = None) -> None:
+    def __init__(self, base: int = 3, render_video: bool = False, log_dir: str | None = None) -> None:
         self.observation_space = gym.spaces.Dict({"low_dim": gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)})
         self.action_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
         self.base, self.render_video, self.log_dir = base, render_video, log_dir
-        self.fault, self.fault_seeds, self.fault_step, self.marker_dir = fault, fault_seeds, fault_step, marker_dir
-        if pid_dir is not None:
-            open(os.path.join(pid_dir, str(os.getpid())), "w").close()
 
     def _obs(self) -> dict:
         return {"low_dim": np.array([self.t, self.seed], dtype=np.float32)}
-
-    def _maybe_fault(self, step: int | None) -> None:
-        if self.fault is None or self.seed not in self.fault_seeds or step != self.fault_step:
-            return
-        if self.marker_dir is not None:
-            marker = os.path.join(self.marker_dir, f"{self.fault}{self.seed}")
-            if os.path.exists(marker):
-                return
-            open(marker, "w").close()
-        if self.fault == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif self.fault == "hang":
-            time.sleep(3600)
-        else:
-            raise RuntimeError(f"scripted simulator failure on seed {self.seed}")
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         self.seed, self.t = seed, 0
@@ -86,11 +58,9 @@ class ScriptedEnv(gym.Env):
         if self.log_dir is not None:
             with open(os.path.join(self.log_dir, f"{seed}.txt"), "a") as fh:
                 fh.write("reset\n")
-        self._maybe_fault(None)
         return self._obs(), {}
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
-        self._maybe_fault(self.t)
         if self.log_dir is not None:
             with open(os.path.join(self.log_dir, f"{self.seed}.txt"), "a") as fh:
                 fh.write(f"{self.t} {action[0]:g} {action[1]:g}\n")
@@ -103,7 +73,8 @@ class ScriptedEnv(gym.Env):
 
 
 class StepPolicy(torch.nn.Module):
-    """``predict``: row ``h`` of every chunk is ``(h, t)``, ``t`` the newest observed step; keeps every window."""
+    """``predict``: row ``h`` of every chunk is ``(h, t)``, ``t`` the newest observation's first value (the
+    step, in ``ScriptedEnv``); keeps every window."""
 
     def __init__(self, chunk: int) -> None:
         super().__init__()
@@ -111,14 +82,14 @@ class StepPolicy(torch.nn.Module):
         self.windows: list[np.ndarray] = []  # (B, T_obs, 2) each
 
     def predict(self, batch: dict) -> torch.Tensor:
-        low_dim = batch["low_dim"]  # (B, T_obs, 2), unchanged by the identity statistics below
+        low_dim = batch["low_dim"]  # (B, T_obs, D), unchanged by the identity statistics below
         self.windows.append(low_dim.numpy().copy())
         h = torch.arange(self.chunk, dtype=torch.float32).expand(len(low_dim), -1)  # (B, chunk)
         return torch.stack([h, low_dim[:, -1, 0, None].expand(-1, self.chunk)], dim=-1)  # (B, chunk, 2)
 
 
-def step_predictor(chunk: int = 6) -> Predictor:
-    stats = {"action": {"min": [-1.0, -1.0], "max": [1.0, 1.0]}, "low_dim": {"min": [-1.0, -1.0], "max": [1.0, 1.0]}}
+def step_predictor(chunk: int = 6, low_dim: int = 2) -> Predictor:
+    stats = {"action": {"min": [-1.0] * 2, "max": [1.0] * 2}, "low_dim": {"min": [-1.0] * low_dim, "max": [1.0] * low_dim}}
     return Predictor(StepPolicy(chunk), Preprocessor(stats, ActionSpace(None, env_dim=2)), torch.device("cpu"))
 
 

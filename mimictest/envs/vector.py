@@ -140,8 +140,8 @@ class WorkerError(RuntimeError):
     of its schedule; ``reason`` says how it failed the last time."""
 
     def __init__(self, worker: int, episode: int, failures: int, reason: str) -> None:
-        super().__init__(f"env worker {worker} failed {failures} time(s) in a row on episode {episode} of its schedule; "
-                         f"last: {reason}")
+        super().__init__(f"env worker {worker} failed {failures} time(s) in a row on episode {episode} of its "
+                         f"schedule; last: {reason}")
         self.worker, self.episode, self.failures, self.reason = worker, episode, failures, reason
 
 
@@ -249,17 +249,18 @@ class RestartingVecEnv(SubprocVecEnv):
             if not ready:
                 break
             for i in {handles[h] for h in ready}:
-                if self.processes[i].sentinel in ready:
-                    self.processes[i].join()  # it is exiting; its pipe may show the end of file a moment later
-                try:
-                    if self.remotes[i].poll():  # a reply it sent before exiting, or the end of file
-                        replies[i] = self.remotes[i].recv()
-                    else:
-                        failed[i] = _exit_reason(self.processes[i])
-                except (EOFError, OSError) as e:
-                    self.processes[i].join(1.0)  # its exit code, once it has exited
-                    failed[i] = f"its pipe broke ({type(e).__name__}; {_exit_reason(self.processes[i])})"
+                remote, process = self.remotes[i], self.processes[i]
                 waiting.discard(i)
+                if remote not in ready:  # only its process ended; its pipe may show a reply or the end a moment later
+                    process.join()
+                    if not remote.poll():
+                        failed[i] = _exit_reason(process)
+                        continue
+                try:
+                    replies[i] = remote.recv()
+                except (EOFError, OSError) as e:
+                    process.join(1.0)  # its exit code, once it has exited
+                    failed[i] = f"its pipe broke ({type(e).__name__}; {_exit_reason(process)})"
         failed.update((i, f"it gave no reply within {self.timeout_s:g} s") for i in waiting)
         return replies, failed
 
