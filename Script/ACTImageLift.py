@@ -14,6 +14,7 @@ For robomimic's own data, point DATASET_PATH at ``lift/ph/image_abs.hdf5``.
 
 from functools import partial
 
+from mimictest.config import seed_everything
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.lift import generate_lift_demos
@@ -48,9 +49,11 @@ NUM_WORKERS = 4
 LR, LR_BACKBONE, WEIGHT_DECAY = 5e-5, 5e-5, 1e-4
 BETAS = (0.9, 0.999)
 WARMUP_STEPS = 0
+LR_SCHEDULE = "constant"  # ACT: constant
+EMA = False  # ACT: none
 GRAD_CLIP = 10.0  # ACT: none; LeRobot: 10
 MAX_STEPS = 20000
-BF16 = True  # bf16 autocast: faster on GPUs and on CPUs with AMX
+BF16 = "auto"  # bf16 autocast where measured faster (GPUs; CPUs with AMX or AVX512-BF16)
 CHANNELS_LAST = True  # with BF16, faster ResNet-18 steps
 # Evaluation
 NUM_ENVS = 8
@@ -58,8 +61,10 @@ NUM_EVAL_EPISODES = 50
 MAX_EPISODE_STEPS = 300
 EVAL_EVERY = 5000
 EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt, e.g. again with TEMPORAL_ENSEMBLE = None
+SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "ACTImageLift"
 
+seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)
 dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
                            chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
@@ -80,6 +85,6 @@ evaluator = Evaluator(tasks=[EvalTask("lift", make_env, NUM_EVAL_EPISODES)], num
 
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
-    warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, ema=False, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST,
-    eval_every=EVAL_EVERY, eval_only=EVAL_ONLY,
+    warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP, ema=EMA, num_workers=NUM_WORKERS,
+    bf16=BF16, channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY, eval_only=EVAL_ONLY, seed=SEED,
 ), evaluator, param_groups=policy.param_groups(LR_BACKBONE))

@@ -13,6 +13,7 @@ task is evaluated from fixed starts (seeds 100000 ..) with a per-task success ta
 
 from functools import partial
 
+from mimictest.config import seed_everything
 from mimictest.data.metaworld import MetaWorldDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.metaworld import generate_metaworld_demos
@@ -48,10 +49,12 @@ NUM_WORKERS = 0  # images are cached in RAM; worker processes would only compete
 LR, LR_BACKBONE, WEIGHT_DECAY = 5e-5, 5e-5, 1e-4  # ACT: 1e-5, 1e-5 (pretrained ResNet), 1e-4
 BETAS = (0.9, 0.999)  # ACT: AdamW's defaults
 WARMUP_STEPS = 0  # ACT: constant lr
+LR_SCHEDULE = "constant"  # ACT: constant
+EMA = False  # ACT: none
 GRAD_CLIP = 10.0  # ACT: none; LeRobot: 10
 MAX_STEPS = 20000
 MAX_MINUTES = 55  # stop training after this long even if MAX_STEPS is not reached (None: no limit)
-BF16 = True  # bf16 autocast: faster on GPUs and on CPUs with AMX or AVX512-BF16
+BF16 = "auto"  # bf16 autocast where measured faster (GPUs; CPUs with AMX or AVX512-BF16)
 CHANNELS_LAST = True  # with BF16, faster ResNet-18 steps
 # Evaluation
 NUM_ENVS = 4
@@ -59,8 +62,10 @@ NUM_EVAL_EPISODES_PER_TASK = 20
 MAX_EPISODE_STEPS = 200  # MetaWorld: 500 (max_path_length); the scripted experts finish in well under 200
 EVAL_EVERY = 0  # only at the end
 EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt, e.g. again with TEMPORAL_ENSEMBLE = None
+SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "ACTImageMetaWorldMT10"
 
+seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_metaworld_demos, tasks=TASKS, episodes_per_task=NUM_DEMOS_PER_TASK, cams=CAMS,
              image_size=IMAGE_SIZE)
 dataset = MetaWorldDataset(DATASET_PATH, TASKS, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
@@ -80,7 +85,8 @@ evaluator = Evaluator(tasks=tasks, num_envs=NUM_ENVS, obs_horizon=OBS_HORIZON, e
                       temporal_ensemble=TEMPORAL_ENSEMBLE)
 
 train(policy, preprocess, dataset, TrainConfig(
-    run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,
-    betas=BETAS, warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, ema=False, num_workers=NUM_WORKERS, bf16=BF16,
-    channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY, eval_only=EVAL_ONLY,
+    run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,
+    weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP,
+    ema=EMA, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY,
+    eval_only=EVAL_ONLY, seed=SEED,
 ), evaluator, param_groups=policy.param_groups(LR_BACKBONE))

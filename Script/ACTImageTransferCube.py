@@ -21,6 +21,7 @@ restore ACT's values and run:
 
 from functools import partial
 
+from mimictest.config import seed_everything
 from mimictest.data.aloha import AlohaDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.aloha import generate_aloha_demos
@@ -54,10 +55,12 @@ NUM_WORKERS = 0  # images are cached in RAM; worker processes would only compete
 LR, LR_BACKBONE, WEIGHT_DECAY = 5e-5, 5e-5, 1e-4  # ACT: 1e-5, 1e-5 (pretrained ResNet), 1e-4
 BETAS = (0.9, 0.999)  # ACT: AdamW's defaults
 WARMUP_STEPS = 0  # ACT: constant lr
+LR_SCHEDULE = "constant"  # ACT: constant
+EMA = False  # ACT: none
 GRAD_CLIP = 10.0  # ACT: none; LeRobot: 10
 MAX_STEPS = 10000  # ACT: 2000 epochs x 5 batches
 MAX_MINUTES = 60  # stop training after an hour even if MAX_STEPS is not reached (None: no limit)
-BF16 = True  # bf16 autocast: faster on GPUs and on CPUs with AMX
+BF16 = "auto"  # bf16 autocast where measured faster (GPUs; CPUs with AMX or AVX512-BF16)
 CHANNELS_LAST = True  # with BF16, faster ResNet-18 steps
 # Evaluation
 NUM_ENVS = 4
@@ -65,8 +68,10 @@ NUM_EVAL_EPISODES = 50  # ACT: 50
 MAX_EPISODE_STEPS = 400  # ACT: 400
 EVAL_EVERY = 0  # only at the end
 EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt, e.g. again with TEMPORAL_ENSEMBLE = None
+SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "ACTImageTransferCube"
 
+seed_everything(SEED)
 ensure_demos(DATASET_PATH, partial(generate_aloha_demos, TASK), episodes=NUM_DEMOS, cams=CAMS, image_size=IMAGE_SIZE)
 dataset = AlohaDataset(DATASET_PATH, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
 action_space = ActionSpace(None, "absolute", env_dim=14)
@@ -84,7 +89,8 @@ evaluator = Evaluator(tasks=[EvalTask(TASK, make_env, NUM_EVAL_EPISODES)], num_e
                       exec_start=EXEC_START, exec_end=EXEC_END, video_fps=50, temporal_ensemble=TEMPORAL_ENSEMBLE)
 
 train(policy, preprocess, dataset, TrainConfig(
-    run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
-    warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, ema=False, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST,
-    eval_every=EVAL_EVERY, eval_only=EVAL_ONLY,
+    run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,
+    weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP,
+    ema=EMA, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY,
+    eval_only=EVAL_ONLY, seed=SEED,
 ), evaluator, param_groups=policy.param_groups(LR_BACKBONE))

@@ -19,6 +19,7 @@ DATASET_PATH = "Datasets/pusht/pusht_cchi_v7_replay.zarr".
 
 from functools import partial
 
+from mimictest.config import seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.pusht import HOW_TO_GET, PushTDataset
 from mimictest.demos import ensure_demos
@@ -51,6 +52,9 @@ NUM_WORKERS = 0  # images are cached in RAM; worker processes would only compete
 LR, BETAS = 1e-4, (0.9, 0.95)
 TRANSFORMER_WEIGHT_DECAY, OBS_ENCODER_WEIGHT_DECAY = 1e-3, 1e-6
 WARMUP_STEPS = 200  # the paper: 1000
+LR_SCHEDULE = "cosine"  # Diffusion Policy: cosine decay after the warmup
+GRAD_CLIP = 0.0  # Diffusion Policy: no clipping
+EMA = True  # Diffusion Policy: EMA weights for evaluation
 MAX_STEPS = 2500
 BF16 = False
 # Evaluation
@@ -58,8 +62,10 @@ NUM_ENVS = 4
 NUM_EVAL_EPISODES = 50
 MAX_EPISODE_STEPS = 300
 EVAL_EVERY = 0  # 0: only after training
+SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionTransformerImagePushT"
 
+seed_everything(SEED)
 if DATASET_PATH:
     require_dataset(DATASET_PATH, f"To train on generated demos instead, set DATASET_PATH = ''; to get the data, {HOW_TO_GET}.")
 else:
@@ -80,7 +86,8 @@ evaluator = Evaluator(tasks=[EvalTask("pusht", make_env, NUM_EVAL_EPISODES)], nu
                       exec_start=EXEC_START, exec_end=EXEC_END)
 
 train(policy, preprocess, dataset, TrainConfig(
-    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, betas=BETAS,
-    warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=OBS_ENCODER_WEIGHT_DECAY,
+    betas=BETAS, warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP, ema=EMA,
+    num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY, seed=SEED,
 ), evaluator, param_groups=noise_net.optim_groups(TRANSFORMER_WEIGHT_DECAY)
    + [{"params": obs_encoder.parameters(), "weight_decay": OBS_ENCODER_WEIGHT_DECAY}])

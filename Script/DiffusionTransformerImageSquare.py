@@ -13,6 +13,7 @@ Square expert). Sized for one GPU at the paper's batch size:
 
 from functools import partial
 
+from mimictest.config import seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.envs.robosuite import RobosuiteEnv
@@ -43,16 +44,20 @@ NUM_WORKERS = 8
 LR, BETAS = 1e-4, (0.9, 0.95)
 TRANSFORMER_WEIGHT_DECAY, OBS_ENCODER_WEIGHT_DECAY = 1e-3, 1e-6
 WARMUP_STEPS = 1000
+LR_SCHEDULE = "cosine"  # Diffusion Policy: cosine decay after the warmup
+EMA = True  # Diffusion Policy: EMA weights for evaluation
 GRAD_CLIP = 10.0  # a loose safety net: the reference does not clip
 MAX_STEPS = 200000
-BF16 = True
+BF16 = "auto"  # bf16 autocast where measured faster (GPUs; CPUs with AMX or AVX512-BF16)
 # Evaluation
 NUM_ENVS = 16
 NUM_EVAL_EPISODES = 96
 MAX_EPISODE_STEPS = 400
 EVAL_EVERY = 25000
+SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionTransformerImageSquare"
 
+seed_everything(SEED)
 require_dataset(DATASET_PATH, "Get square/ph/image_abs.hdf5 from the Diffusion Policy data release (robomimic_image.zip), "
                 "or robomimic's square/ph/image.hdf5 (delta actions), and set DATASET_PATH at the top of this script.")
 dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
@@ -73,7 +78,8 @@ evaluator = Evaluator(tasks=[EvalTask("square", make_env, NUM_EVAL_EPISODES)], n
                       exec_start=EXEC_START, exec_end=EXEC_END)
 
 train(policy, preprocess, dataset, TrainConfig(
-    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, betas=BETAS,
-    warmup_steps=WARMUP_STEPS, grad_clip=GRAD_CLIP, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=OBS_ENCODER_WEIGHT_DECAY,
+    betas=BETAS, warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP, ema=EMA,
+    num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY, seed=SEED,
 ), evaluator, param_groups=noise_net.optim_groups(TRANSFORMER_WEIGHT_DECAY)
    + [{"params": obs_encoder.parameters(), "weight_decay": OBS_ENCODER_WEIGHT_DECAY}])

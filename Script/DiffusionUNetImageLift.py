@@ -10,6 +10,7 @@ For robomimic's own data, point DATASET_PATH at ``lift/ph/image_abs.hdf5``.
 
 from functools import partial
 
+from mimictest.config import seed_everything
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.lift import generate_lift_demos
@@ -39,15 +40,21 @@ BATCH_SIZE = 64
 NUM_WORKERS = 4
 LR, WEIGHT_DECAY = 1e-4, 1e-6
 WARMUP_STEPS = 500
+BETAS = (0.95, 0.999)  # Diffusion Policy's AdamW betas
+LR_SCHEDULE = "cosine"  # Diffusion Policy: cosine decay after the warmup
+GRAD_CLIP = 0.0  # Diffusion Policy: no clipping
+EMA = True  # Diffusion Policy: EMA weights for evaluation
 MAX_STEPS = 20000
-BF16 = True
+BF16 = "auto"  # bf16 autocast where measured faster (GPUs; CPUs with AMX or AVX512-BF16)
 # Evaluation
 NUM_ENVS = 8
 NUM_EVAL_EPISODES = 50
 MAX_EPISODE_STEPS = 300
 EVAL_EVERY = 5000
+SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionUNetImageLift"
 
+seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)
 dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
                            chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
@@ -65,6 +72,7 @@ evaluator = Evaluator(tasks=[EvalTask("lift", make_env, NUM_EVAL_EPISODES)], num
                       exec_start=EXEC_START, exec_end=EXEC_END)
 
 train(policy, preprocess, dataset, TrainConfig(
-    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,
-    warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+    run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
+    warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP, ema=EMA, num_workers=NUM_WORKERS,
+    bf16=BF16, eval_every=EVAL_EVERY, seed=SEED,
 ), evaluator)

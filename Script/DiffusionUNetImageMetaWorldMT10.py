@@ -21,6 +21,7 @@ a GPU run, restore the values in the comments (and raise MAX_STEPS):
 
 from functools import partial
 
+from mimictest.config import seed_everything
 from mimictest.data.metaworld import MetaWorldDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.metaworld import generate_metaworld_demos
@@ -52,17 +53,23 @@ BATCH_SIZE = 32  # Diffusion Policy: 64
 NUM_WORKERS = 0  # images are cached in RAM; worker processes would only compete for the 2 cores
 LR, WEIGHT_DECAY = 1e-4, 1e-6
 WARMUP_STEPS = 200  # Diffusion Policy: 500
+BETAS = (0.95, 0.999)  # Diffusion Policy's AdamW betas
+LR_SCHEDULE = "cosine"  # Diffusion Policy: cosine decay after the warmup
+GRAD_CLIP = 0.0  # Diffusion Policy: no clipping
+EMA = True  # Diffusion Policy: EMA weights for evaluation
 MAX_STEPS = 20000
 MAX_MINUTES = 55  # stop training after this long even if MAX_STEPS is not reached (None: no limit)
-BF16 = True  # bf16 autocast: faster on GPUs and on CPUs with AMX or AVX512-BF16
+BF16 = "auto"  # bf16 autocast where measured faster (GPUs; CPUs with AMX or AVX512-BF16)
 CHANNELS_LAST = True  # with BF16, faster ResNet-18 steps
 # Evaluation
 NUM_ENVS = 4
 NUM_EVAL_EPISODES_PER_TASK = 20
 MAX_EPISODE_STEPS = 200  # MetaWorld: 500 (max_path_length); the scripted experts finish in well under 200
 EVAL_EVERY = 0  # 0: only after training
+SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionUNetImageMetaWorldMT10"
 
+seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_metaworld_demos, tasks=TASKS, episodes_per_task=NUM_DEMOS_PER_TASK, cams=CAMS,
              image_size=IMAGE_SIZE)
 dataset = MetaWorldDataset(DATASET_PATH, TASKS, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
@@ -80,6 +87,6 @@ evaluator = Evaluator(tasks=tasks, num_envs=NUM_ENVS, obs_horizon=OBS_HORIZON, e
 
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,
-    weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16,
-    channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY,
+    weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP,
+    ema=EMA, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY, seed=SEED,
 ), evaluator)

@@ -17,6 +17,7 @@ set DATASET_PATH = "Datasets/pusht/pusht_cchi_v7_replay.zarr" (see DiffusionUNet
 
 from functools import partial
 
+from mimictest.config import seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.pusht import HOW_TO_GET, PushTDataset
 from mimictest.demos import ensure_demos
@@ -45,6 +46,10 @@ BATCH_SIZE = 256
 NUM_WORKERS = 0  # low-dim windows are cheap to gather; worker processes would only compete for cores
 LR, WEIGHT_DECAY = 1e-4, 1e-6
 WARMUP_STEPS = 500
+BETAS = (0.95, 0.999)  # Diffusion Policy's AdamW betas
+LR_SCHEDULE = "cosine"  # Diffusion Policy: cosine decay after the warmup
+GRAD_CLIP = 0.0  # Diffusion Policy: no clipping
+EMA = True  # Diffusion Policy: EMA weights for evaluation
 MAX_STEPS = 20000
 MAX_MINUTES = 45  # stop training after this long even if MAX_STEPS is not reached (None: no limit)
 BF16 = False
@@ -53,8 +58,10 @@ NUM_ENVS = 4
 NUM_EVAL_EPISODES = 50
 MAX_EPISODE_STEPS = 300
 EVAL_EVERY = 0  # 0: only after training
+SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionUNetLowdimPushT"
 
+seed_everything(SEED)
 if DATASET_PATH:
     require_dataset(DATASET_PATH, f"Set DATASET_PATH = '' to train on generated demos, or {HOW_TO_GET}.")
 else:
@@ -74,5 +81,6 @@ evaluator = Evaluator(tasks=[EvalTask("pusht", make_env, NUM_EVAL_EPISODES)], nu
 
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,
-    weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY,
+    weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP,
+    ema=EMA, num_workers=NUM_WORKERS, bf16=BF16, eval_every=EVAL_EVERY, seed=SEED,
 ), evaluator)
