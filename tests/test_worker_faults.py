@@ -20,6 +20,7 @@ from functools import partial
 from typing import Callable
 
 import gymnasium as gym
+import imageio.v3 as iio
 import numpy as np
 import pytest
 
@@ -132,6 +133,17 @@ def test_a_real_simulator_killed_every_20_episodes_and_hung(tmp_path):
         assert got[key] == (seed, success, length, pytest.approx(coverage, rel=1e-12, abs=1e-12)), key
     assert {r["seed"]: r["restarts"] for r in records if r["restarts"]} == {100_000: 1, 100_020: 1, 100_030: 1}
     assert summarize(records)["worker_restarts"] == 3
+
+
+def test_a_restarted_episode_films_only_its_rerun(tmp_path):
+    make = partial(faulty, ScriptedEnv, fault="kill", seeds=(100_000,), step=2, marker_dir=str(tmp_path))
+    evaluator = Evaluator(tasks=[EvalTask("scripted", make, 2)], num_envs=2, obs_horizon=1, exec_start=0, exec_end=2,
+                          num_videos=1)
+    records = evaluator.rollouts(step_predictor(), video_dir=str(tmp_path / "videos"), progress=False)
+    evaluator.close()
+    first = next(r for r in records if r["episode"] == 0)
+    assert first["restarts"] == 1 and first["length"] == 3
+    assert len(iio.imread(tmp_path / "videos" / "rank0_episode0.mp4")) == 3  # not the 2 frames of the killed run too
 
 
 def test_kills_while_resetting_rerun_the_episode(tmp_path, fault_free):
