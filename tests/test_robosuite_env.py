@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import re
+from functools import partial
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -223,3 +224,88 @@ def test_writer_refuses_overwrite_and_never_leaves_partial_files(tmp_path: Path)
     with h5py.File(path, "r") as f:
         assert f["data"].attrs["total"] == 6 and f["data/demo_1"].attrs["num_samples"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.hdf5"]
+
+
+def _absolute_to_delta(env: RobosuiteEnv, target: np.ndarray) -> np.ndarray:
+    """The delta OSC_POSE command (7,) that moves the gripper towards an absolute world-frame target.
+
+    robosuite's OSC scales delta inputs in [-1, 1] by ``output_max`` (0.05 m, 0.5 rad: ``legacy_osc_pose_config``)
+    in the Panda's base frame, which Lift places unrotated, so world and base deltas coincide.
+    """
+    site = env.raw.robots[0].eef_site_id["right"]
+    position = env.raw.sim.data.site_xpos[site]
+    rotation = Rotation.from_matrix(env.raw.sim.data.site_xmat[site].reshape(3, 3))
+    turn = (Rotation.from_rotvec(target[3:6]) * rotation.inv()).as_rotvec()
+    return np.concatenate([np.clip((target[:3] - position) / 0.05, -1, 1), np.clip(turn / 0.5, -1, 1), target[6:]])
+
+
+def test_relative_action_dataset_trains_and_evaluates(tmp_path: Path) -> None:
+    """A delta-action robomimic file (robomimic's own Lift PH layout: OSC_POSE with control_delta true):
+    the expert's absolute demos re-recorded as delta commands in a delta env, then read, trained on
+    for a few steps and evaluated in the delta env rebuilt from the file."""
+    import torch
+
+    from mimictest.data.robomimic import RobomimicDataset
+    from mimictest.evaluate import EvalTask, Evaluator
+    from mimictest.nets.obs_encoder import ObsEncoder
+    from mimictest.nets.unet1d import ConditionalUnet1D
+    from mimictest.policies.diffusion import DiffusionPolicy
+    from mimictest.preprocess import ActionSpace, Preprocessor
+    from mimictest.train import TrainConfig, train
+
+    absolute = str(tmp_path / "lift_abs.hdf5")
+    assert generate_lift_demos(absolute, episodes=2, seed=7)["successes"] == 2
+    env_args = lift_env_args(image=False)
+    env_args["env_kwargs"]["controller_configs"] = legacy_osc_pose_config(control_delta=True)
+    env = RobosuiteEnv(env_args, [], LOW_DIM_KEYS, max_episode_steps=200)
+    assert not env.absolute and env.action_space.low.min() == -1 and env.action_space.high.max() == 1
+    delta = str(tmp_path / "lift_delta.hdf5")
+    with h5py.File(absolute, "r") as f, RobomimicWriter(delta, env_args) as writer:
+        for name in f["data"]:
+            demo = f["data"][name]
+            env.reset_to(demo["states"][0], demo.attrs["model_file"])
+            obs, actions, states, rewards, successes = {k: [] for k in env.robomimic_obs()}, [], [], [], []
+            for target in demo["actions"][()]:
+                for key, value in env.robomimic_obs().items():
+                    obs[key].append(value)
+                states.append(env.sim_state())
+                actions.append(_absolute_to_delta(env, target))
+                _, reward, success, _, _ = env.step(actions[-1])
+                rewards.append(reward)
+                successes.append(success)
+            assert any(successes), f"{name} re-recorded as deltas no longer lifts the cube"
+            writer.add_demo({k: np.stack(v) for k, v in obs.items()}, np.stack(actions), np.stack(states),
+                            np.asarray(rewards), np.asarray(successes, dtype=int), demo.attrs["model_file"])
+    env.close()
+
+    dataset = RobomimicDataset(delta, [], LOW_DIM_KEYS, obs_horizon=2, chunk_size=8, pad_after=3)
+    assert not dataset.absolute_actions and dataset.num_episodes == 2
+    assert -1 <= min(dataset.stats["action"]["min"]) and max(dataset.stats["action"]["max"]) <= 1
+    action_space = ActionSpace("axis_angle", "relative")
+    preprocess = Preprocessor(dataset.stats, action_space)
+    chunk = torch.from_numpy(dataset[5]["action"])  # (8, 7)
+    torch.testing.assert_close(preprocess.unnormalize_action(preprocess.normalize_action(chunk)), chunk, atol=1e-5, rtol=0)
+
+    torch.manual_seed(0)
+    encoder = ObsEncoder([], low_dim_dim=dataset.low_dim_dim)
+    net = ConditionalUnet1D(action_space.model_dim, encoder.out_dim, 2, down_dims=(16, 32), diffusion_step_embed_dim=16)
+    policy = DiffusionPolicy(encoder, net, action_space.model_dim, 8, sampler="ddim", num_inference_steps=3)
+    make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=[], low_dim_keys=LOW_DIM_KEYS, max_episode_steps=12)
+    evaluator = Evaluator(tasks=[EvalTask("lift_delta", make_env, 2)], num_envs=2, obs_horizon=2, exec_start=1,
+                          exec_end=5, num_videos=0)
+    cfg = TrainConfig(run_name="delta", max_steps=10, batch_size=16, lr=1e-4, weight_decay=1e-6, betas=(0.95, 0.999),
+                      lr_schedule="cosine", warmup_steps=2, grad_clip=0.0, ema=True, num_workers=0, log_every=5,
+                      save_every=10, save_root=str(tmp_path / "runs"))
+    summary = train(policy, preprocess, dataset, cfg, evaluator)
+    assert summary["episodes"] == 2
+    results = json.load(open(tmp_path / "runs" / "delta" / "eval_step10.json"))
+    assert len(results["episodes"]) == 2 and all(1 <= e["length"] <= 12 for e in results["episodes"])
+    rebuilt = make_env()
+    assert not rebuilt.absolute  # the evaluation env commands deltas, as the data does
+    rebuilt.close()
+    window = {"low_dim": torch.from_numpy(np.stack([dataset[i]["low_dim"] for i in range(4)]))}  # (4, 2, 19)
+    env_actions = preprocess.unnormalize_action(policy.eval().predict(preprocess(window, train=False)))  # (4, 8, 7)
+    low, high = (torch.tensor(dataset.stats["action"][k]) for k in ("min", "max"))
+    assert env_actions.shape == (4, 8, 7) and torch.isfinite(env_actions).all()
+    span = high - low
+    assert (env_actions[..., :3] >= low[:3] - span[:3]).all() and (env_actions[..., :3] <= high[:3] + span[:3]).all()
