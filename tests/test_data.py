@@ -147,7 +147,7 @@ def test_bad_input_errors(tmp_path):
     with h5py.File(path, "a") as f:
         f["data/demo_1/obs/a"][2, 0] = np.nan
     os.utime(path, (0, 12345))  # the cache is keyed on mtime: make sure the edit is seen
-    with pytest.raises(ValueError, match="data/demo_1/obs/a contains NaN"):
+    with pytest.raises(ValueError, match=r"data/demo_1/obs/a contains 1 NaN/inf value\(s\), the first at step 2, dim 0"):
         RobomimicDataset(path, [], ["a"], 2, 4)
 
 
