@@ -43,7 +43,7 @@ from mimictest.config import FREE_FIELDS, changed_values, script_constants, scri
 from mimictest.cpu import configure_cpu
 from mimictest.data.prefetcher import Prefetcher
 from mimictest.data.sampler import StepSampler
-from mimictest.evaluate import Evaluator, Predictor, format_table, save_results, summarize
+from mimictest.evaluate import EvaluationError, Evaluator, Predictor, format_table, save_results, summarize
 from mimictest.policies.ema import EMA
 from mimictest.precision import cpu_model, resolve_bf16
 from mimictest.preprocess import Preprocessor
@@ -521,7 +521,7 @@ class _EvalContext:
         if error is not None:
             raise error
         if failures:
-            raise RuntimeError(f"evaluation failed on another process: {failures[0]}")
+            raise EvaluationError(f"evaluation failed on another process: {failures[0]}")
         records = [r for part, _ in gathered for r in part]
         summary = summarize(records)
         summary["eval_seconds"] = time.perf_counter() - start

@@ -196,7 +196,7 @@ def test_nonfinite_loss_stops_before_saving_or_is_skipped(demos, tmp_path):
     """An absurd learning rate makes the loss blow up; "stop" ends the run naming the step, "skip" counts it."""
     from mimictest.train import TrainConfig, train
 
-    settings = {**ALGORITHM, "lr": 1e38, "warmup_steps": 0, "lr_schedule": "constant"}
+    settings = {**ALGORITHM, "lr": 1e30, "warmup_steps": 0, "lr_schedule": "constant"}
     policy, preprocess, dataset = tiny_setup(demos)
     cfg = TrainConfig(run_name="nan", max_steps=8, batch_size=8, num_workers=0, log_every=1, save_every=1,
                       save_root=str(tmp_path), **settings)

@@ -4,7 +4,8 @@
 
 ``--eval-only-ensemble`` only evaluates the saved checkpoint again, with temporal ensembling;
 ``--eval-checkpoints`` evaluates every kept ``checkpoints/step<N>.pt`` again. The loss is logged
-at every step, a checkpoint saved every 5 and an evaluation run every 20.
+at every step, a checkpoint saved every 5 and an evaluation of EPISODES episodes (default 2; 0 for
+none) run every 20.
 
 Mirrors ``Script/DiffusionUNetLowdimLift.py`` at toy sizes, so tests can launch it as a real
 process (to kill it, resume it, or run it under ``accelerate launch`` with two processes).
@@ -39,7 +40,7 @@ net = ConditionalUnet1D(action_space.model_dim, encoder.out_dim, 2, down_dims=(1
 policy = DiffusionPolicy(encoder, net, action_space.model_dim, 8, sampler="ddim", num_inference_steps=3)
 make_env = partial(RobosuiteEnv, dataset.env_meta, rgb_keys=[], low_dim_keys=KEYS, max_episode_steps=15)
 evaluator = Evaluator(tasks=[EvalTask("lift", make_env, EPISODES)], num_envs=2, obs_horizon=2, exec_start=1, exec_end=5,
-                      num_videos=1, temporal_ensemble=0.01 if EVAL_ONLY_ENSEMBLE else None)
+                      num_videos=1, temporal_ensemble=0.01 if EVAL_ONLY_ENSEMBLE else None) if EPISODES else None
 summary = train(policy, preprocess, dataset, TrainConfig(
     run_name="tiny", max_steps=MAX_STEPS, batch_size=16, lr=1e-4, weight_decay=1e-6, betas=(0.95, 0.999),
     warmup_steps=5, lr_schedule="cosine", grad_clip=0.0, ema=True, num_workers=0,
