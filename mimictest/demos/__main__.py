@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mimictest.demos.calvin import add_command as add_calvin_command
 from mimictest.demos.metaworld import add_command as add_metaworld_command
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         aloha.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"), help="image size")
         aloha.add_argument("--overwrite", action="store_true", help="replace the episodes already in the folder")
     add_metaworld_command(tasks)
+    add_calvin_command(tasks)
     args = parser.parse_args(argv)
 
     if args.task == "lift":
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
         generate_pusht_demos(args.out, args.episodes, seed=args.seed, keep_failures=args.keep_failures,
                              overwrite=args.overwrite)
-    elif args.task == "metaworld":
+    elif args.task in ("metaworld", "calvin"):
         args.run(args)
 
 
