@@ -68,6 +68,8 @@ NUM_EVAL_EPISODES = 50  # ACT: 50
 MAX_EPISODE_STEPS = 400  # ACT: 400
 EVAL_EVERY = 0  # only at the end
 EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt, e.g. again with TEMPORAL_ENSEMBLE = None
+SUCCESS_LAST_K = 1  # success pooled over the last K evaluations (the original mimictest: 3 x 96 rollouts)
+EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "ACTImageTransferCube"
 
@@ -92,5 +94,5 @@ train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,
     weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP,
     ema=EMA, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY,
-    eval_only=EVAL_ONLY, seed=SEED,
+    success_last_k=SUCCESS_LAST_K, eval_checkpoints=EVAL_CHECKPOINTS, eval_only=EVAL_ONLY, seed=SEED,
 ), evaluator, param_groups=policy.param_groups(LR_BACKBONE))

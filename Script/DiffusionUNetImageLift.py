@@ -51,6 +51,8 @@ NUM_ENVS = 8
 NUM_EVAL_EPISODES = 50
 MAX_EPISODE_STEPS = 300
 EVAL_EVERY = 5000
+SUCCESS_LAST_K = 3  # success pooled over the last K evaluations (the original mimictest: 3 x 96 rollouts)
+EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionUNetImageLift"
 
@@ -74,5 +76,5 @@ evaluator = Evaluator(tasks=[EvalTask("lift", make_env, NUM_EVAL_EPISODES)], num
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
     warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP, ema=EMA, num_workers=NUM_WORKERS,
-    bf16=BF16, eval_every=EVAL_EVERY, seed=SEED,
+    bf16=BF16, eval_every=EVAL_EVERY, success_last_k=SUCCESS_LAST_K, eval_checkpoints=EVAL_CHECKPOINTS, seed=SEED,
 ), evaluator)

@@ -66,6 +66,8 @@ NUM_ENVS = 4
 NUM_EVAL_EPISODES_PER_TASK = 20
 MAX_EPISODE_STEPS = 200  # MetaWorld: 500 (max_path_length); the scripted experts finish in well under 200
 EVAL_EVERY = 0  # 0: only after training
+SUCCESS_LAST_K = 1  # success pooled over the last K evaluations (the original mimictest: 3 x 96 rollouts)
+EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionUNetImageMetaWorldMT10"
 
@@ -88,5 +90,6 @@ evaluator = Evaluator(tasks=tasks, num_envs=NUM_ENVS, obs_horizon=OBS_HORIZON, e
 train(policy, preprocess, dataset, TrainConfig(
     run_name=RUN_NAME, max_steps=MAX_STEPS, max_minutes=MAX_MINUTES, batch_size=BATCH_SIZE, lr=LR,
     weight_decay=WEIGHT_DECAY, betas=BETAS, warmup_steps=WARMUP_STEPS, lr_schedule=LR_SCHEDULE, grad_clip=GRAD_CLIP,
-    ema=EMA, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY, seed=SEED,
+    ema=EMA, num_workers=NUM_WORKERS, bf16=BF16, channels_last=CHANNELS_LAST, eval_every=EVAL_EVERY,
+    success_last_k=SUCCESS_LAST_K, eval_checkpoints=EVAL_CHECKPOINTS, seed=SEED,
 ), evaluator)
