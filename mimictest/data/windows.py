@@ -5,7 +5,8 @@ arrays with one row per timestep plus ``episode_ends`` (exclusive end index of e
 diffusion_policy's replay buffer). ``WindowIndex`` turns that into samples; ``WindowDataset``
 gathers them.
 
-Sample ``i`` is timestep ``t`` of some episode (every timestep is a sample):
+Sample ``i`` is timestep ``t`` of some episode (every timestep, or all but an episode's last few;
+see ``pad_after`` below):
 - observations at ``t - obs_horizon + 1 .. t``;
 - actions at ``t - obs_horizon + 1 .. t - obs_horizon + chunk_size`` (the chunk starts at the
   first observation step, Diffusion Policy's convention; with ``obs_horizon=1`` it starts at
