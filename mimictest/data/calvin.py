@@ -182,6 +182,11 @@ def convert(src: str, out: str, text_encoder: str | None = None, map_size: int =
     return episode
 
 
+def convert_demos(out: str, src: str, text_encoder: str | None = None) -> int:
+    """``convert(src, out)`` with the output first, the signature ``mimictest.demos.ensure_demos`` calls."""
+    return convert(src, out, text_encoder)
+
+
 def _check_encoder(stored: str, wanted: str | None, path: str) -> None:
     if wanted is not None and stored != wanted:
         raise ValueError(f"{path!r} holds instruction embeddings from {stored!r}, but this script embeds with "
