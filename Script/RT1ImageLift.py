@@ -56,8 +56,8 @@ EFFICIENTNET = "efficientnet_b0"  # RT-1: "efficientnet_b3"
 BACKBONE_NORM, BACKBONE_WEIGHTS = "group", None  # RT-1: ImageNet weights ("frozen_batch" + a local torchvision file)
 SHARED_BACKBONE = True  # one EfficientNet for both cameras
 TOKEN_DIM, NUM_TOKENS = 256, 8  # RT-1: 512, 8
-D_MODEL, NHEAD, NUM_LAYERS, DIM_FEEDFORWARD, DROPOUT = 256, 4, 4, 1024, 0.1  # RT-1: 512, 8, 8, -, 0.1
-# Optimisation (EDiRobotics/mimictest's RT-1: AdamW lr 1e-4, weight decay 1e-4, grad clip 10, constant lr)
+D_MODEL, NHEAD, NUM_LAYERS, DIM_FEEDFORWARD, DROPOUT = 256, 4, 4, 1024, 0.1  # RT-1: 512, 8, 8, 512, 0.1
+# Optimisation (RT-1: Adam, lr 1e-4; EDiRobotics/mimictest's RT-1: AdamW lr 1e-4, weight decay 1e-4, grad clip 10)
 FREEZE_VISION_TOWER = False  # stage 1 of staged training: the EfficientNet trunk frozen
 UNFREEZE_STEP = None  # stage 2 from this step (None: frozen for the whole run when FREEZE_VISION_TOWER)
 BATCH_SIZE = 32

@@ -46,8 +46,8 @@ BINS, DECODE = 256, "argmax"  # RT-1: 256 bins, argmax; "expectation" decodes th
 EFFICIENTNET = "efficientnet_b0"  # RT-1: "efficientnet_b3"; mimictest: "efficientnet_v2_s"
 BACKBONE_NORM, BACKBONE_WEIGHTS = "group", None  # RT-1 and mimictest: ImageNet weights ("frozen_batch" + a local file)
 TOKEN_DIM, NUM_TOKENS = 256, 8  # RT-1 and mimictest: 512, 8
-D_MODEL, NHEAD, NUM_LAYERS, DIM_FEEDFORWARD, DROPOUT = 256, 4, 4, 1024, 0.1  # RT-1: 512, 8, 8; mimictest: 128, 2, 8
-# Optimisation (mimictest: AdamW lr 1e-4, weight decay 1e-4, grad clip 10, constant lr)
+D_MODEL, NHEAD, NUM_LAYERS, DIM_FEEDFORWARD, DROPOUT = 256, 4, 4, 1024, 0.1  # RT-1: 512, 8, 8, 512; mimictest: 128, 2, 8
+# Optimisation (RT-1: Adam, lr 1e-4; mimictest: AdamW lr 1e-4, weight decay 1e-4, grad clip 10, constant lr)
 FREEZE_VISION_TOWER = False  # stage 1 of staged training: the EfficientNet trunk frozen
 UNFREEZE_STEP = None  # stage 2 from this step (None: frozen for the whole run when FREEZE_VISION_TOWER)
 BATCH_SIZE = 32  # mimictest: 432 per GPU

@@ -78,9 +78,10 @@ CONFIGS: dict[str, BenchConfig] = {
     "act-aloha-small": BenchConfig("act", ("top",), (120, 160), None, 14, 14, None, 1, 100, 8,
                                    {"d_model": 256, "dim_feedforward": 1024}),
     # RT-1 at the paper's size (Brohan et al. 2022): one 300x300 camera, 6 frames, EfficientNet-B3, 8 tokens per
-    # image, 8 layers of width 512 with 8 heads, 256 bins for each of 11 action dims, batch 32 (FiLM off: no instruction).
+    # image, 8 layers of width 512 with 8 heads and 512-wide feed-forward, 256 bins for each of 11 action dims, batch 32
+    # (FiLM off: no instruction).
     "rt1-paper": BenchConfig("rt1", ("image",), (300, 300), None, 0, 11, None, 6, 1, 32,
-                             {"efficientnet": "efficientnet_b3", "bins": 256}),
+                             {"efficientnet": "efficientnet_b3", "dim_feedforward": 512, "bins": 256}),
     # Script/RT1ImageLift.py: the CPU-sized RT-1 (EfficientNet-B0, 1 frame, 4 layers of width 256), continuous chunks,
     # and the same network with RT-1's 256-bin head.
     "rt1-lift-image": BenchConfig("rt1", ("agentview_image", "robot0_eye_in_hand_image"), (84, 84), (76, 76), 9, 7,

@@ -23,8 +23,9 @@ Brohan et al. 2022, "RT-1: Robotics Transformer for Real-World Control at Scale"
   trained with L1 or MSE by `mimictest.policies.regression.RegressionPolicy`); ``bins=256`` gives
   RT-1's logits `(B, chunk, A, 256)` over uniform bins of the normalised [-1, 1] range.
 
-RT-1's attention has a key size of 4096 per head and a 512-wide feed-forward layer; here heads
-are `d_model / nhead` wide and the feed-forward width is `dim_feedforward`, the usual layout.
+RT-1's layers (``configs/transformer_mixin.gin``) have a 512-wide residual stream, 8 heads of key
+size 128 and a feed-forward of one 512-wide Dense layer without activation; here heads are
+`d_model / nhead` wide and the feed-forward is the usual Linear-GELU-Linear of `dim_feedforward`.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class RT1(nn.Module):
         shared_backbone: one EfficientNet for every camera, or one per camera.
         token_dim, num_tokens: channels of the image tokens and tokens per image (RT-1: 512, 8).
         d_model, nhead, num_layers, dim_feedforward, dropout: the transformer (RT-1: 512, 8, 8,
-            see the module docstring, 0.1).
+            512 (see the module docstring), 0.1).
         bins: ``None`` for the continuous head, or the number of uniform bins (RT-1: 256).
     """
 
