@@ -36,6 +36,8 @@ CHUNK_SIZE = 20
 # Execution: ACT's temporal ensembling coefficient, or None to run each chunk's [EXEC_START, EXEC_END) open-loop
 TEMPORAL_ENSEMBLE = 0.01
 EXEC_START, EXEC_END = 0, CHUNK_SIZE
+PAD_AFTER = CHUNK_SIZE - OBS_HORIZON  # ACT: every step starts a chunk, padded (and masked) to the episode end
+NORMALIZATION = "meanstd"  # ACT: (x - mean) / clip(std, 0.01, 10)
 # Network (ACT: d_model 512, 8 heads, 4 encoder layers, 1 effective decoder layer, feed-forward 3200)
 BACKBONE_NORM, BACKBONE_WEIGHTS = "group", None  # ACT: "frozen_batch" and ImageNet weights (a local resnet18-f37072fd.pth)
 D_MODEL, NHEAD, DIM_FEEDFORWARD, DROPOUT = 512, 8, 3200, 0.1
@@ -69,9 +71,10 @@ RUN_NAME = "ACTImageLift"
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)
 dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
-                           chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
+                           chunk_size=CHUNK_SIZE, pad_after=PAD_AFTER, image_size=IMAGE_SIZE)
 action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
-preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE,
+                          normalization=NORMALIZATION)
 
 net = ACT(action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, cams=dataset.cams,
           backbone_norm=BACKBONE_NORM, backbone_weights=BACKBONE_WEIGHTS,

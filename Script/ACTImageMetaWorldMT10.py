@@ -37,6 +37,8 @@ CHUNK_SIZE = 20  # ACT: 100 (2 s at 50 Hz for ALOHA's joints)
 # Execution: ACT's temporal ensembling coefficient, or None to run each chunk's [EXEC_START, EXEC_END) open-loop
 TEMPORAL_ENSEMBLE = 0.01  # ACT: 0.01
 EXEC_START, EXEC_END = 0, CHUNK_SIZE
+PAD_AFTER = CHUNK_SIZE - OBS_HORIZON  # ACT: every step starts a chunk, padded (and masked) to the episode end
+NORMALIZATION = "meanstd"  # ACT: (x - mean) / clip(std, 0.01, 10)
 # Network
 BACKBONE_NORM, BACKBONE_WEIGHTS = "group", None  # ACT: "frozen_batch" and ImageNet weights (a local resnet18-f37072fd.pth)
 D_MODEL, NHEAD, DIM_FEEDFORWARD, DROPOUT = 256, 8, 1024, 0.1  # ACT: 512, 8, 3200, 0.1
@@ -70,9 +72,11 @@ RUN_NAME = "ACTImageMetaWorldMT10"
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_metaworld_demos, tasks=TASKS, episodes_per_task=NUM_DEMOS_PER_TASK, cams=CAMS,
              image_size=IMAGE_SIZE)
-dataset = MetaWorldDataset(DATASET_PATH, TASKS, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
+dataset = MetaWorldDataset(DATASET_PATH, TASKS, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE,
+                           pad_after=PAD_AFTER)
 preprocess = Preprocessor(dataset.stats, dataset.action_space, dataset.cams, image_size=IMAGE_SIZE,
-                          text_encoder=TextEncoder(TEXT_ENCODER), instructions=dataset.instructions)
+                          text_encoder=TextEncoder(TEXT_ENCODER), instructions=dataset.instructions,
+                          normalization=NORMALIZATION)
 
 net = ACT(dataset.action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, cams=dataset.cams,
           lang_dim=preprocess.lang_dim, backbone_norm=BACKBONE_NORM, backbone_weights=BACKBONE_WEIGHTS,

@@ -43,6 +43,8 @@ CHUNK_SIZE = 100  # ACT: 100 (2 s at 50 Hz)
 # Execution: ACT's temporal ensembling coefficient, or None to run each chunk's [EXEC_START, EXEC_END) open-loop
 TEMPORAL_ENSEMBLE = 0.01  # ACT: 0.01 (with --temporal_agg)
 EXEC_START, EXEC_END = 0, CHUNK_SIZE
+PAD_AFTER = CHUNK_SIZE - OBS_HORIZON  # ACT: every step starts a chunk, padded (and masked) to the episode end
+NORMALIZATION = "meanstd"  # ACT: (x - mean) / clip(std, 0.01, 10)
 # Network
 BACKBONE_NORM, BACKBONE_WEIGHTS = "group", None  # ACT: "frozen_batch" and ImageNet weights (a local resnet18-f37072fd.pth)
 D_MODEL, NHEAD, DIM_FEEDFORWARD, DROPOUT = 256, 8, 1024, 0.1  # ACT: 512, 8, 3200, 0.1
@@ -75,9 +77,10 @@ RUN_NAME = "ACTImageTransferCube"
 
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, partial(generate_aloha_demos, TASK), episodes=NUM_DEMOS, cams=CAMS, image_size=IMAGE_SIZE)
-dataset = AlohaDataset(DATASET_PATH, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
+dataset = AlohaDataset(DATASET_PATH, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE, pad_after=PAD_AFTER,
+                       image_size=IMAGE_SIZE)
 action_space = ActionSpace(None, "absolute", env_dim=14)
-preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, normalization=NORMALIZATION)
 
 net = ACT(action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, cams=dataset.cams,
           backbone_norm=BACKBONE_NORM, backbone_weights=BACKBONE_WEIGHTS,

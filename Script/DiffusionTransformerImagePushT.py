@@ -41,6 +41,8 @@ OBS_HORIZON = 2
 CHUNK_SIZE = 10
 N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
 EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
+PAD_AFTER = N_ACTION_STEPS - 1  # Diffusion Policy's sampler: at most n_action_steps - 1 padded steps
+NORMALIZATION = "minmax"  # Diffusion Policy: min-max to [-1, 1]
 # Network and diffusion
 N_LAYER, N_HEAD, N_EMB = 8, 4, 256
 P_DROP_EMB, P_DROP_ATTN = 0.0, 0.3
@@ -72,9 +74,11 @@ if DATASET_PATH:
     require_dataset(DATASET_PATH, f"To train on generated demos instead, set DATASET_PATH = ''; to get the data, {HOW_TO_GET}.")
 else:
     ensure_demos(EXPERT_PATH, generate_pusht_demos, episodes=NUM_DEMOS)
-dataset = PushTDataset(DATASET_PATH or EXPERT_PATH, obs_mode="image", obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
+dataset = PushTDataset(DATASET_PATH or EXPERT_PATH, obs_mode="image", obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE,
+                       pad_after=PAD_AFTER)
 action_space = ActionSpace(None, "absolute", env_dim=2)
-preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE,
+                          normalization=NORMALIZATION)
 
 obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim)
 noise_net = DiffusionTransformer(action_space.model_dim, CHUNK_SIZE, OBS_HORIZON, obs_encoder.out_dim,

@@ -32,6 +32,8 @@ OBS_HORIZON = 2
 CHUNK_SIZE = 16
 N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
 EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
+PAD_AFTER = N_ACTION_STEPS - 1  # Diffusion Policy's sampler: at most n_action_steps - 1 padded steps
+NORMALIZATION = "minmax"  # Diffusion Policy: min-max to [-1, 1]
 # Network and diffusion
 DOWN_DIMS = (256, 512, 1024)
 SAMPLER, NUM_INFERENCE_STEPS = "ddpm", 100
@@ -59,9 +61,10 @@ RUN_NAME = "DiffusionUNetImageLift"
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)
 dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
-                           chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
+                           chunk_size=CHUNK_SIZE, pad_after=PAD_AFTER, image_size=IMAGE_SIZE)
 action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
-preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE,
+                          normalization=NORMALIZATION)
 
 obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim)
 noise_net = ConditionalUnet1D(action_space.model_dim, obs_encoder.out_dim, OBS_HORIZON, down_dims=DOWN_DIMS)

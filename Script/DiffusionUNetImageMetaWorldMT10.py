@@ -45,6 +45,8 @@ OBS_HORIZON = 2
 CHUNK_SIZE = 16
 N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
 EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
+PAD_AFTER = N_ACTION_STEPS - 1  # Diffusion Policy's sampler: at most n_action_steps - 1 padded steps
+NORMALIZATION = "minmax"  # Diffusion Policy: min-max to [-1, 1]
 # Network and diffusion
 DOWN_DIMS = (128, 256, 512)  # Diffusion Policy: (512, 1024, 2048) for images
 SAMPLER, NUM_INFERENCE_STEPS = "ddim", 10  # Diffusion Policy: DDPM with 100 steps in simulation
@@ -74,9 +76,11 @@ RUN_NAME = "DiffusionUNetImageMetaWorldMT10"
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_metaworld_demos, tasks=TASKS, episodes_per_task=NUM_DEMOS_PER_TASK, cams=CAMS,
              image_size=IMAGE_SIZE)
-dataset = MetaWorldDataset(DATASET_PATH, TASKS, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
+dataset = MetaWorldDataset(DATASET_PATH, TASKS, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE,
+                           pad_after=PAD_AFTER)
 preprocess = Preprocessor(dataset.stats, dataset.action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE,
-                          text_encoder=TextEncoder(TEXT_ENCODER), instructions=dataset.instructions)
+                          text_encoder=TextEncoder(TEXT_ENCODER), instructions=dataset.instructions,
+                          normalization=NORMALIZATION)
 
 obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim, lang_dim=preprocess.lang_dim)
 noise_net = ConditionalUnet1D(dataset.action_space.model_dim, obs_encoder.out_dim, OBS_HORIZON, down_dims=DOWN_DIMS)

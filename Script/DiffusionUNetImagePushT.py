@@ -44,6 +44,8 @@ OBS_HORIZON = 2
 CHUNK_SIZE = 16
 N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
 EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
+PAD_AFTER = N_ACTION_STEPS - 1  # Diffusion Policy's sampler: at most n_action_steps - 1 padded steps
+NORMALIZATION = "minmax"  # Diffusion Policy: min-max to [-1, 1]
 # Network and diffusion
 DOWN_DIMS = (64, 128, 256)  # 4.9M parameters; the paper's (512, 1024, 2048) has 252M
 SAMPLER, NUM_INFERENCE_STEPS = "ddim", 10  # the paper: DDPM with 100 steps (10x slower evaluation on a CPU)
@@ -75,9 +77,11 @@ if DATASET_PATH:
     require_dataset(DATASET_PATH, f"Set DATASET_PATH = '' to train on generated demos, or {HOW_TO_GET}.")
 else:
     ensure_demos(EXPERT_PATH, generate_pusht_demos, episodes=NUM_DEMOS)
-dataset = PushTDataset(DATASET_PATH or EXPERT_PATH, obs_mode="image", obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
+dataset = PushTDataset(DATASET_PATH or EXPERT_PATH, obs_mode="image", obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE,
+                       pad_after=PAD_AFTER)
 action_space = ActionSpace(None, "absolute", env_dim=2)
-preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE,
+                          normalization=NORMALIZATION)
 
 obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim)
 noise_net = ConditionalUnet1D(action_space.model_dim, obs_encoder.out_dim, OBS_HORIZON, down_dims=DOWN_DIMS)

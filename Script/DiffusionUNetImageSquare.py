@@ -29,6 +29,8 @@ OBS_HORIZON = 2
 CHUNK_SIZE = 16
 N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
 EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
+PAD_AFTER = N_ACTION_STEPS - 1  # Diffusion Policy's sampler: at most n_action_steps - 1 padded steps
+NORMALIZATION = "minmax"  # Diffusion Policy: min-max to [-1, 1]
 # Network and diffusion
 DOWN_DIMS = (512, 1024, 2048)
 SAMPLER, NUM_INFERENCE_STEPS = "ddpm", 100
@@ -57,9 +59,10 @@ seed_everything(SEED)
 require_dataset(DATASET_PATH, "Get square/ph/image_abs.hdf5 from the Diffusion Policy data release (robomimic_image.zip), "
                 "or robomimic's square/ph/image.hdf5 (delta actions), and set DATASET_PATH at the top of this script.")
 dataset = RobomimicDataset(DATASET_PATH, rgb_keys=RGB_KEYS, low_dim_keys=LOW_DIM_KEYS, obs_horizon=OBS_HORIZON,
-                           chunk_size=CHUNK_SIZE, image_size=IMAGE_SIZE)
+                           chunk_size=CHUNK_SIZE, pad_after=PAD_AFTER, image_size=IMAGE_SIZE)
 action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
-preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE)
+preprocess = Preprocessor(dataset.stats, action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE,
+                          normalization=NORMALIZATION)
 
 obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim)
 noise_net = ConditionalUnet1D(action_space.model_dim, obs_encoder.out_dim, OBS_HORIZON, down_dims=DOWN_DIMS)

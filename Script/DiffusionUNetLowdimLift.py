@@ -30,6 +30,8 @@ OBS_HORIZON = 2  # observation steps the policy sees
 CHUNK_SIZE = 16  # predicted action steps, starting at the first observation step
 N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
 EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
+PAD_AFTER = N_ACTION_STEPS - 1  # Diffusion Policy's sampler: at most n_action_steps - 1 padded steps
+NORMALIZATION = "minmax"  # Diffusion Policy: min-max to [-1, 1]
 # Network and diffusion
 DOWN_DIMS = (64, 128, 256)  # the paper uses (256, 512, 1024): 14x the parameters, 13x slower on a CPU
 SAMPLER, NUM_INFERENCE_STEPS = "ddpm", 100  # the paper's simulation setting
@@ -57,9 +59,9 @@ RUN_NAME = "DiffusionUNetLowdimLift"
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS)
 dataset = RobomimicDataset(DATASET_PATH, rgb_keys=[], low_dim_keys=LOW_DIM_KEYS,
-                           obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
+                           obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE, pad_after=PAD_AFTER)
 action_space = ActionSpace("axis_angle", "absolute" if dataset.absolute_actions else "relative")
-preprocess = Preprocessor(dataset.stats, action_space)
+preprocess = Preprocessor(dataset.stats, action_space, normalization=NORMALIZATION)
 
 obs_encoder = ObsEncoder([], low_dim_dim=dataset.low_dim_dim)
 noise_net = ConditionalUnet1D(action_space.model_dim, obs_encoder.out_dim, OBS_HORIZON, down_dims=DOWN_DIMS)

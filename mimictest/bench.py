@@ -373,7 +373,15 @@ def _env_factory(name: str) -> tuple[Callable, BenchConfig, tuple[list[float], l
 
         return (partial(MetaWorldEnv, "drawer-open-v3", cams=("corner",), image_size=(84, 84), max_episode_steps=10**9),
                 CONFIGS["dp-metaworld-image"], ([-1.0] * 4, [1.0] * 4))
-    raise SystemExit(f"unknown env {name!r}; choose from lift-lowdim, lift-image, pusht, aloha, aloha-small, metaworld")
+    if name == "calvin":
+        from mimictest.envs.calvin import IMAGE_SIZES, CalvinEnv
+
+        # Script/DiffusionUNetImageCalvin.py's networks on both cameras (centre crops of the sizes its
+        # resized and cropped images have), CALVIN's relative actions; calvin_env's own seeded starts.
+        cfg = BenchConfig("diffusion-unet", ("static", "gripper"), IMAGE_SIZES, {"static": (88, 88), "gripper": (76, 76)},
+                          15, 7, None, 2, 16, 32, {"down_dims": (128, 256, 512)})
+        return partial(CalvinEnv, tasks=("open_drawer",), max_subtask_steps=10**9), cfg, ([-1.0] * 7, [1.0] * 7)
+    raise SystemExit(f"unknown env {name!r}; choose from lift-lowdim, lift-image, pusht, aloha, aloha-small, metaworld, calvin")
 
 
 def cmd_envs(args: argparse.Namespace) -> list[dict]:

@@ -15,8 +15,9 @@ that step; those chunks are queued in the model's action space (6D rotations ave
 axis-angles near pi do not) and mapped to env actions one step at a time. A worker's queue is
 dropped when its episode ends. The window carries each worker's task id and instruction.
 
-An episode's score is the best ``info["score"]`` it reached (PushT's coverage, say), or its best
-reward when the env gives none. Success rates come with 95% Wilson intervals, per task and over
+An episode's score is the best ``info["score"]`` it reached (PushT's ``clip(coverage / 0.95, 0, 1)``,
+as gym-pusht, Diffusion Policy and LeRobot report it), or its best reward when the env gives none;
+an env that gives ``info["coverage"]`` also gets its best raw coverage recorded. Success rates come with 95% Wilson intervals, per task and over
 all episodes, plus the mean over tasks. Under accelerate, each process evaluates its share and the
 results are gathered.
 
@@ -291,6 +292,7 @@ class Evaluator:
                       if self.temporal_ensemble is not None else None)
         last: list[np.ndarray] = [np.empty(0)] * num_envs  # each worker's action this step (model space if ensembling)
         steps, score_max = np.zeros(num_envs, int), np.full(num_envs, -np.inf)
+        coverage_max = np.full(num_envs, -np.inf)  # PushT's raw coverage, beside its clipped score
         frames: list[np.ndarray] = []
         records: list[dict] = []
         bar = tqdm(total=total, desc="eval", unit="episode", disable=not progress, leave=False)
@@ -322,6 +324,7 @@ class Evaluator:
                 obs = unflatten(flat_obs)
                 steps += 1
                 score_max = np.maximum(score_max, [info.get("score", r) for info, r in zip(infos, rewards)])
+                coverage_max = np.maximum(coverage_max, [info.get("coverage", -np.inf) for info in infos])
                 if "frame" in infos[0] and running(0) and _videos_done(records) < self.num_videos:
                     frames.append(infos[0]["frame"])
                 push_history(history, obs)
@@ -338,6 +341,8 @@ class Evaluator:
                                         "success": bool(infos[i].get("is_success", False)),
                                         "length": int(steps[i]), "max_score": float(score_max[i]),
                                         "restarts": restarts[i]})
+                        if np.isfinite(coverage_max[i]):
+                            records[-1]["max_coverage"] = float(coverage_max[i])
                         done_count[i] += 1
                         restarts[i] = 0
                         bar.update(1)
@@ -345,7 +350,7 @@ class Evaluator:
                             name = f"{self.tasks[k].name}_episode{j}" if len(self.tasks) > 1 else f"rank{rank}_episode{j}"
                             _write_video(frames, video_dir, name, self.video_fps)
                             frames = []
-                    steps[i], score_max[i], queues[i] = 0, -np.inf, []
+                    steps[i], score_max[i], coverage_max[i], queues[i] = 0, -np.inf, -np.inf, []
                     if ensemblers:
                         ensemblers[i].reset()
                     reset_history(history, obs, i)  # obs[i] is already the next episode's first observation
@@ -429,6 +434,8 @@ def _rates(records: list[dict]) -> dict:
         "episodes": n,
         "mean_length": float(np.mean([r["length"] for r in records])),
         "mean_max_score": float(np.mean([r["max_score"] for r in records])),
+        **({"mean_max_coverage": float(np.mean([r["max_coverage"] for r in records]))}
+           if all("max_coverage" in r for r in records) else {}),
     }
 
 

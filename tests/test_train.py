@@ -136,7 +136,7 @@ def test_killed_runs_resume_exactly(demos, uninterrupted, tmp_path):
     assert episodes(tmp_path / "tiny") == episodes(run)
 
 
-def test_changed_settings_are_refused_on_resume(demos, uninterrupted):
+def test_changed_settings_are_refused_on_resume(demos, uninterrupted, tmp_path):
     run, _ = uninterrupted
     out = run_tiny(demos, run.parent, 45, sys.executable, check=False)
     assert out.returncode != 0
@@ -144,6 +144,13 @@ def test_changed_settings_are_refused_on_resume(demos, uninterrupted):
     assert "was trained with other settings" in message and "MAX_STEPS: 40 -> 45" in message
     assert "max_steps: 40 -> 45" in message and "allow_config_change=True" in message
     assert checkpoint.load(str(run / "last.pt"))["step"] == 40, "a refused launch must not touch the checkpoint"
+
+    # Another script pointed at the same run folder: refused, naming both scripts.
+    other = tmp_path / "other_experiment.py"
+    other.write_text(open(TINY).read())
+    out = subprocess.run([sys.executable, str(other), demos, str(run.parent), "40", "2"], env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode != 0 and "script: 'tiny_lift.py' -> 'other_experiment.py'" in out.stderr.strip().splitlines()[-1]
 
 
 def test_two_process_ddp_on_cpu(demos, tmp_path):

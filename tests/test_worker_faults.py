@@ -133,6 +133,9 @@ def test_a_real_simulator_killed_every_20_episodes_and_hung(tmp_path):
         assert got[key] == (seed, success, length, pytest.approx(coverage, rel=1e-12, abs=1e-12)), key
     assert {r["seed"]: r["restarts"] for r in records if r["restarts"]} == {100_000: 1, 100_020: 1, 100_030: 1}
     assert summarize(records)["worker_restarts"] == 3
+    # The score is the clipped one (gym-pusht's reward); the raw coverage is recorded beside it.
+    assert all(r["max_score"] == pytest.approx(min(r["max_coverage"] / 0.95, 1.0)) for r in records)
+    assert summarize(records)["mean_max_coverage"] == pytest.approx(np.mean([r["max_coverage"] for r in records]))
 
 
 def test_a_restarted_episode_films_only_its_rerun(tmp_path):
