@@ -134,7 +134,7 @@ class FiLMEfficientNet(nn.Module):
         blocks = [block for i in self._stages for block in self.trunk[i]]
         self.films = nn.ModuleList(FiLM(cond_dim, block.out_channels) for block in blocks) if cond_dim else None
         last_channels = self.trunk[-1][0].out_channels
-        self.proj = nn.Conv2d(last_channels, out_dim, kernel_size=1)
+        self.proj = nn.Conv2d(last_channels, out_dim, kernel_size=1, bias=False)  # RT-1: no bias
         self.proj_film = FiLM(cond_dim, out_dim) if cond_dim else None
         self.out_dim = out_dim
 
