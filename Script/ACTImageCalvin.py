@@ -42,6 +42,8 @@ CHUNK_SIZE = 20  # ACT: 100 (2 s at 50 Hz for ALOHA's joints); CALVIN runs at 30
 # Execution: ACT's temporal ensembling coefficient, or None to run each chunk's [EXEC_START, EXEC_END) open-loop
 TEMPORAL_ENSEMBLE = 0.01  # ACT: 0.01
 EXEC_START, EXEC_END = 0, CHUNK_SIZE
+PAD_AFTER = CHUNK_SIZE - OBS_HORIZON  # ACT: every step starts a chunk, padded (and masked) to the episode end
+NORMALIZATION = "meanstd"  # ACT: (x - mean) / clip(std, 0.01, 10)
 # Network
 BACKBONE_NORM, BACKBONE_WEIGHTS = "group", None  # ACT: "frozen_batch" and ImageNet weights (a local resnet18-f37072fd.pth)
 D_MODEL, NHEAD, DIM_FEEDFORWARD, DROPOUT = 256, 8, 1024, 0.1  # ACT: 512, 8, 3200, 0.1
@@ -75,9 +77,11 @@ seed_everything(SEED)
 ensure_demos(RAW_PATH, generate_calvin_demos, episodes=NUM_DEMO_EPISODES, text_encoder=TEXT_ENCODER)
 ensure_demos(DATASET_PATH, convert_demos, src=RAW_PATH, text_encoder=TEXT_ENCODER)
 text_encoder = TextEncoder(TEXT_ENCODER)
-dataset = CalvinDataset(DATASET_PATH, OBS_HORIZON, CHUNK_SIZE, action_mode=ACTION_MODE, text_encoder=text_encoder.name)
+dataset = CalvinDataset(DATASET_PATH, OBS_HORIZON, CHUNK_SIZE, action_mode=ACTION_MODE, text_encoder=text_encoder.name,
+                        pad_after=PAD_AFTER)
 preprocess = Preprocessor(dataset.stats, dataset.action_space, dataset.cams, image_size=IMAGE_SIZE, resize=RESIZE,
-                          text_encoder=text_encoder, instructions=dataset.instructions)
+                          text_encoder=text_encoder, instructions=dataset.instructions,
+                          normalization=NORMALIZATION)
 
 net = ACT(dataset.action_space.model_dim, CHUNK_SIZE, low_dim_dim=dataset.low_dim_dim, cams=dataset.cams,
           lang_dim=preprocess.lang_dim, backbone_norm=BACKBONE_NORM, backbone_weights=BACKBONE_WEIGHTS,

@@ -54,6 +54,8 @@ OBS_HORIZON = 2
 CHUNK_SIZE = 16
 N_ACTION_STEPS = 8  # actions executed per predicted chunk (Diffusion Policy: 8)
 EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
+PAD_AFTER = N_ACTION_STEPS - 1  # Diffusion Policy's sampler: at most n_action_steps - 1 padded steps
+NORMALIZATION = "minmax"  # Diffusion Policy: min-max to [-1, 1]
 # Network and diffusion
 DOWN_DIMS = (128, 256, 512)  # Diffusion Policy: (512, 1024, 2048) for images
 SAMPLER, NUM_INFERENCE_STEPS = "ddim", 10  # Diffusion Policy: DDPM with 100 steps in simulation
@@ -83,9 +85,11 @@ seed_everything(SEED)
 ensure_demos(RAW_PATH, generate_calvin_demos, episodes=NUM_DEMO_EPISODES, text_encoder=TEXT_ENCODER)
 ensure_demos(DATASET_PATH, convert_demos, src=RAW_PATH, text_encoder=TEXT_ENCODER)
 text_encoder = TextEncoder(TEXT_ENCODER)
-dataset = CalvinDataset(DATASET_PATH, OBS_HORIZON, CHUNK_SIZE, action_mode=ACTION_MODE, text_encoder=text_encoder.name)
+dataset = CalvinDataset(DATASET_PATH, OBS_HORIZON, CHUNK_SIZE, action_mode=ACTION_MODE, text_encoder=text_encoder.name,
+                        pad_after=PAD_AFTER)
 preprocess = Preprocessor(dataset.stats, dataset.action_space, dataset.cams, image_size=IMAGE_SIZE, resize=RESIZE,
-                          crop_size=CROP_SIZE, text_encoder=text_encoder, instructions=dataset.instructions)
+                          crop_size=CROP_SIZE, text_encoder=text_encoder, instructions=dataset.instructions,
+                          normalization=NORMALIZATION)
 
 obs_encoder = ObsEncoder(dataset.cams, low_dim_dim=dataset.low_dim_dim, lang_dim=preprocess.lang_dim)
 noise_net = ConditionalUnet1D(dataset.action_space.model_dim, obs_encoder.out_dim, OBS_HORIZON, down_dims=DOWN_DIMS)

@@ -203,7 +203,9 @@ class CalvinDataset(WindowDataset):
         cams: the cameras to read (``"static"``, ``"gripper"``; ``[]`` for none).
         text_encoder: the ``name`` of the script's ``TextEncoder``; the stored instruction
             embeddings must come from it (``None``: not checked). The raw layout's embeddings
-            are taken to be the LMDB converter's when its ``auto_lang_ann.npy`` names no encoder.
+            are CALVIN's own when its ``auto_lang_ann.npy`` names no encoder.
+        pad_after: the most padded actions after an episode's end (``mimictest.data.windows``;
+            ``None``: every step is a sample).
 
     Items as ``WindowDataset``'s, with ``lang``. Attributes: ``stats``, ``action_space``,
     ``instruction_embeddings`` (``{instruction: (D,)}``, the stored ones), ``text_encoder`` (their
@@ -211,7 +213,8 @@ class CalvinDataset(WindowDataset):
     """
 
     def __init__(self, path: str, obs_horizon: int, chunk_size: int, action_mode: str = "relative",
-                 cams: list[str] | tuple[str, ...] = CAMERAS, text_encoder: str | None = None) -> None:
+                 cams: list[str] | tuple[str, ...] = CAMERAS, text_encoder: str | None = None,
+                 pad_after: int | None = None) -> None:
         if action_mode not in ACTION_MODES:
             raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
         cams = list(cams)
@@ -233,7 +236,8 @@ class CalvinDataset(WindowDataset):
                                  ("scene_obs", self.scene_obs, SCENE_DIM)):
             if value.ndim != 2 or value.shape[1] != dim:
                 raise ValueError(f"{path!r}: {name} rows have shape {value.shape[1:]}, expected ({dim},)")
-        super().__init__(np.asarray(ends), obs_horizon, chunk_size, action, low_dim, columns, episode_lang=langs)
+        super().__init__(np.asarray(ends), obs_horizon, chunk_size, action, low_dim, columns, episode_lang=langs,
+                         pad_after=pad_after)
         self.path, self.text_encoder = path, encoder
         self.instruction_embeddings = {t: e for t, e in zip(langs, embeddings)}
         self.image_sizes = {cam: IMAGE_SIZES[cam] for cam in cams}
