@@ -40,6 +40,7 @@ CALVIN = [  # what calvin_env (not on PyPI: pip install -e a calvin_env checkout
     "scipy",
     "lmdb",  # GR-1's CALVIN LMDB
 ]
+REPORT = ["matplotlib>=3.7"]  # the run report's plots (report.html) and dataset playback (mimictest.viz)
 DEV = ["pytest>=8", "pytest-timeout", "pyflakes>=3"]
 
 setup(
@@ -69,7 +70,8 @@ setup(
         "florence": FLORENCE,
         "lang": LANG,
         "calvin": CALVIN,
+        "report": REPORT,
         "dev": DEV,
-        "all": SIM + FLORENCE + LANG + DEV,
+        "all": SIM + FLORENCE + LANG + REPORT + DEV,
     },
 )
