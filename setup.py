@@ -41,6 +41,10 @@ CALVIN = [  # what calvin_env (not on PyPI: pip install -e a calvin_env checkout
     "lmdb",  # GR-1's CALVIN LMDB
 ]
 REPORT = ["matplotlib>=3.7"]  # the run report's plots (report.html) and dataset playback (mimictest.viz)
+LEROBOT = [  # LeRobotDataset folders (mimictest.data.lerobot): parquet tables and AV1 / H.264 mp4 videos
+    "pyarrow>=14,<26",  # pyarrow 26 needs numpy>=2 (and does not declare it); numpy<2 here
+    "av>=12",  # PyAV's wheels bring FFmpeg with dav1d (AV1, LeRobot's default codec) and H.264
+]
 DEV = ["pytest>=8", "pytest-timeout", "pyflakes>=3"]
 
 setup(
