@@ -76,6 +76,7 @@ setup(
         "calvin": CALVIN,
         "report": REPORT,
         "dev": DEV,
-        "all": SIM + FLORENCE + LANG + REPORT + DEV,
+        "lerobot": LEROBOT,
+        "all": SIM + FLORENCE + LANG + REPORT + LEROBOT + DEV,
     },
 )
