@@ -80,7 +80,7 @@ def test_transformer_is_causal_over_time() -> None:
     n = net.tokens_per_step
     x = torch.randn(2, T * n + CHUNK, 32)
     later = x.clone()
-    later[:, n:T * n] += 1.0  # change only step 1's tokens
+    later[:, n:T * n] += torch.randn_like(later[:, n:T * n])  # change only step 1's tokens
     with torch.no_grad():
         out, out_later = x, later
         for block in net.blocks:
