@@ -156,14 +156,14 @@ def valid_chain(state: dict, chain: Sequence[str]) -> bool:
     return len({CATEGORIES[t] for t in chain}) == len(chain)
 
 
-def _has_chain(state: dict, tasks: Sequence[str], used: frozenset = frozenset(), depth: int = CHAIN_LEN) -> bool:
+def has_chain(state: dict, tasks: Sequence[str], used: frozenset = frozenset(), depth: int = CHAIN_LEN) -> bool:
     """Whether some valid chain of ``depth`` tasks from ``tasks`` starts at ``state`` (depth-first)."""
     if depth == 0:
         return True
     for task in tasks:
         if CATEGORIES[task] not in used:
             states = next_states(state, task)
-            if len(states) == 1 and _has_chain(states[0], tasks, used | {CATEGORIES[task]}, depth - 1):
+            if len(states) == 1 and has_chain(states[0], tasks, used | {CATEGORIES[task]}, depth - 1):
                 return True
     return False
 
@@ -215,7 +215,7 @@ def get_sequences(num_sequences: int = 1000, tasks: Iterable[str] | None = None)
         if unknown:
             raise ValueError(f"unknown CALVIN task(s) {unknown}; the tasks are {list(TASKS)}")
         names = [t for t in TASKS if t in subset]
-        states = [s for s in states if _has_chain(s, names)]
+        states = [s for s in states if has_chain(s, names)]
         if not states:
             raise ValueError(f"no chain of {CHAIN_LEN} tasks of distinct categories can be made from {names}")
     counts = [len(part) for part in np.array_split(np.arange(num_sequences), len(states))]

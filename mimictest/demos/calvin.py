@@ -1,8 +1,9 @@
 """A scripted CALVIN expert that writes CALVIN's raw npz layout, and its chained evaluation subset.
 
 Each demo episode starts from a CALVIN start condition (``mimictest.chained.condition_state``,
-with the blocks' yaw jittered) and runs a random chain of the expert's tasks that is valid from
-that condition. Every task is a short list of waypoints for the tcp (gripper pointing down, at the
+with the blocks' yaw jittered) and runs a random chain of the expert's tasks of distinct categories
+that is valid from that condition, drawn as CALVIN draws its evaluation chains but with another
+generator, so demos and evaluation see the same kind of chains. Every task is a short list of waypoints for the tcp (gripper pointing down, at the
 start orientation turned to the block's yaw for grasps), computed from the scene state
 (``scene_obs`` and PyBullet's link poses of the drawer, sliding door, button and switch); the tcp
 target moves towards the next waypoint by at most ``STEP`` per step, as CALVIN's relative actions
@@ -33,7 +34,8 @@ from collections import Counter
 
 import numpy as np
 
-from mimictest.chained import ROBOT_START, CATEGORIES, INSTRUCTIONS, get_sequences, next_states, start_conditions
+from mimictest.chained import (INSTRUCTIONS, ROBOT_START, has_chain, get_sequences, start_conditions,
+                               valid_chain)
 from mimictest.envs.calvin import MAX_REL_ORN, MAX_REL_POS, CalvinEnv, pybullet_to_euler_xyz
 
 EXPERT_TASKS: tuple[str, ...] = (
@@ -147,21 +149,17 @@ def run_task(env: CalvinEnv, expert: Expert, task: str, max_steps: int, record: 
     return False
 
 
-def sample_chain(rng: np.random.RandomState, tasks: list[str], length: int) -> tuple[dict, list[str]]:
-    """A random start condition and a chain of ``length`` tasks from ``tasks`` valid from it (repeats allowed
-    apart from consecutive ones of one category)."""
-    conditions = start_conditions()
+def sample_chain(rng: np.random.RandomState, tasks: list[str], length: int) -> tuple[dict, tuple[str, ...]]:
+    """A random start condition and chain of ``length`` tasks of distinct categories valid from it, drawn
+    as CALVIN draws its evaluation chains (``mimictest.chained.get_sequences``) but from ``rng``."""
+    states = [s for s in start_conditions() if has_chain(s, tasks, depth=length)]
+    if not states:
+        raise ValueError(f"no chain of {length} tasks of distinct categories can be made from {tasks}; "
+                         "give more tasks or a smaller tasks_per_episode")
+    state = states[rng.randint(len(states))]
     while True:
-        state = conditions[rng.randint(len(conditions))]
-        chain, s = [], state
-        for _ in range(length):
-            options = [t for t in tasks if len(next_states(s, t)) == 1 and (not chain or CATEGORIES[t] != CATEGORIES[chain[-1]])]
-            if not options:
-                break
-            task = options[rng.randint(len(options))]
-            chain.append(task)
-            s = next_states(s, task)[0]
-        if chain:
+        chain = tuple(tasks[t] for t in rng.permutation(len(tasks))[:length])
+        if valid_chain(state, chain):
             return state, chain
 
 
