@@ -40,7 +40,7 @@ from mimictest.preprocess import ActionSpace, Preprocessor
 class BenchConfig:
     """Shapes and network of one policy x benchmark configuration."""
 
-    policy: str  # "diffusion-unet" | "diffusion-transformer" | "act" | "rt1"
+    policy: str  # "diffusion-unet" | "diffusion-transformer" | "act" | "rt1" | "florence-linear" | "florence-dit" | "florence-flow"
     cams: tuple[str, ...]
     image: tuple[int, int] | None
     crop: tuple[int, int] | None
@@ -88,6 +88,17 @@ CONFIGS: dict[str, BenchConfig] = {
                                   "axis_angle", 1, 16, 32, RT1_LIFT_NET),
     "rt1-lift-image-discrete": BenchConfig("rt1", ("agentview_image", "robot0_eye_in_hand_image"), (84, 84), (76, 76), 9,
                                            7, "axis_angle", 1, 16, 32, {**RT1_LIFT_NET, "bins": 256}),
+    # Florence-2-base's shape (random weights: no download) on robomimic Square's inputs, each head as its script
+    # (Script/Florence{Linear,DiT,Flow}ImageSquare.py, DaViT frozen), and the CPU-sized from-scratch Lift scripts'
+    # "small" Florence-2 (Script/Florence{DiT,Flow}ImageLift.py: 1 observation step, DaViT trained).
+    **{f"florence-{head}-square-base": BenchConfig(f"florence-{head}", ("agentview_image", "robot0_eye_in_hand_image"),
+                                                   (84, 84), (76, 76), 9, 7, "axis_angle", 2, 16, 64,
+                                                   {"florence": "base", "freeze_vision_tower": True})
+       for head in ("linear", "dit", "flow")},
+    **{f"florence-{head}-lift-small": BenchConfig(f"florence-{head}", ("agentview_image", "robot0_eye_in_hand_image"),
+                                                  (84, 84), (76, 76), 9, 7, "axis_angle", 1, 16, 32,
+                                                  {"florence": "small", "freeze_vision_tower": False})
+       for head in ("dit", "flow")},
 }
 
 
@@ -126,7 +137,34 @@ def build_policy(cfg: BenchConfig, action_range: tuple[list[float], list[float]]
 
         net = RT1(A, cfg.chunk, cfg.obs_horizon, cfg.cams, low_dim_dim=cfg.low_dim, **cfg.net)
         return RegressionPolicy(net, loss="l1" if net.bins is None else "ce"), preprocess
+    if cfg.policy.startswith("florence"):
+        return florence_policy(cfg, A), preprocess
     raise ValueError(f"unknown policy {cfg.policy!r}")
+
+
+def florence_policy(cfg: BenchConfig, action_dim: int) -> torch.nn.Module:
+    """A Florence-2 head as its scripts build it: L1 regression, DiT with 64 queries and DDIM 10, or flow with 10 Euler steps."""
+    from mimictest.nets.florence import FlorenceBackbone, load_florence
+
+    florence, _, _ = load_florence(None, cfg.net["florence"])
+    backbone = FlorenceBackbone(florence, cfg.cams, low_dim_dim=cfg.low_dim, freeze_vision_tower=cfg.net["freeze_vision_tower"])
+    if cfg.policy == "florence-linear":
+        from mimictest.nets.florence import FlorenceLinear
+        from mimictest.policies.regression import RegressionPolicy
+
+        return RegressionPolicy(FlorenceLinear(backbone, action_dim, cfg.chunk), loss="l1")
+    if cfg.policy == "florence-dit":
+        from mimictest.nets.dit import DiT
+        from mimictest.nets.florence import FlorenceQueryEncoder
+        from mimictest.policies.diffusion import DiffusionPolicy
+
+        queries = FlorenceQueryEncoder(backbone, num_queries=64)
+        dit = DiT(action_dim, cfg.chunk, queries.num_tokens, queries.out_dim)
+        return DiffusionPolicy(queries, dit, action_dim, cfg.chunk, sampler="ddim", num_inference_steps=10, num_train_timesteps=10)
+    from mimictest.nets.florence import FlorenceActionExpert
+    from mimictest.policies.flow import FlowMatchingPolicy
+
+    return FlowMatchingPolicy(FlorenceActionExpert(backbone, action_dim, cfg.chunk), action_dim, cfg.chunk, num_flow_steps=10)
 
 
 def with_sampler(policy: torch.nn.Module, sampler: str, steps: int) -> torch.nn.Module:
@@ -308,9 +346,12 @@ def cmd_infer(args: argparse.Namespace) -> list[dict]:
             policy.to(memory_format=torch.channels_last)
         preprocess.to(device)
         samplers = [("ddpm", 100), ("ddim", 10)] if cfg.policy.startswith("diffusion") else [("single pass", 1)]
+        samplers = FLORENCE_SAMPLERS.get(cfg.policy, samplers)
         for sampler, steps in samplers:
             if cfg.policy.startswith("diffusion"):
                 policy = with_sampler(policy, sampler, steps).to(device).eval()
+            if cfg.policy == "florence-flow":  # the observation prefix once per chunk, or again at every Euler step
+                policy.cache_prefix = sampler == "euler, cached prefix"
             for batch_size in (1, args.envs):
                 data = SyntheticWindows(cfg, length=batch_size)
                 items = [data[i] for i in range(batch_size)]
@@ -334,6 +375,8 @@ def cmd_infer(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+FLORENCE_SAMPLERS = {"florence-dit": [("ddim", 10)],
+                     "florence-flow": [("euler, cached prefix", 10), ("euler, prefix per step", 10)]}
 INFER_COLUMNS = [("config", "config", "s"), ("sampler", "sampler", "s"), ("steps", "steps", "d"), ("batch", "batch", "d"),
                  ("precision", "precision", "s"), ("ms_per_chunk", "ms/chunk", ".1f")]
 

@@ -289,3 +289,17 @@ def test_flow_time_sampling() -> None:
     assert policy.sample_time(20000, torch.device("cpu")).mean().item() == pytest.approx(0.5, abs=0.01)
     with pytest.raises(ValueError, match="time_sampling"):
         FlowMatchingPolicy(torch.nn.Identity(), ACT, CHUNK, time_sampling="logit")
+
+
+def test_bench_infer_times_the_cached_and_recomputed_prefix(tmp_path) -> None:
+    import json
+
+    from mimictest import bench
+
+    out = tmp_path / "infer.json"
+    bench.main(["--device", "cpu", "--json", str(out), "infer", "--config", "florence-flow-lift-small", "--envs", "2",
+                "--repeats", "1", "--warmup", "0"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sampler"], r["batch"]) for r in rows] == [("euler, cached prefix", 1), ("euler, cached prefix", 2),
+                                                          ("euler, prefix per step", 1), ("euler, prefix per step", 2)]
+    assert all(r["ms_per_chunk"] > 0 for r in rows)

@@ -21,10 +21,10 @@ checkpoint carries (``lang_tokens=True``). With no pretrained folder there is no
 prompt, and an instruction arrives as the project's sentence embedding (``mimictest.text``,
 ``lang_dim``) projected to one encoder token.
 
-Frozen parts. The DaViT tower is frozen by default (``freeze_vision_tower``, as in mimictest): no
-gradient, eval mode, run under ``no_grad``. The word embeddings are always frozen (mimictest's MDT
-net does the same): only the prompt's and the instructions' few rows are ever used, and AdamW
-would otherwise update the whole ``vocab x d_model`` table every step.
+Frozen parts. The DaViT tower is frozen by default (``freeze_vision_tower``, as in mimictest):
+``requires_grad`` off, so autograd records nothing through it, and eval mode. The word embeddings
+are always frozen (mimictest's MDT net does the same): only the prompt's and the instructions' few
+rows are ever used, and AdamW would otherwise update the whole ``vocab x d_model`` table each step.
 
 Weights. ``load_florence(path)`` reads a local folder in transformers' native Florence-2 layout
 (``save_pretrained`` output: ``config.json`` with ``model_type`` ``"florence2"``, safetensors
@@ -231,8 +231,7 @@ class FlorenceBackbone(nn.Module):
         for (B, T, *_), names in groups.items():
             x = torch.cat([rgb[cam].flatten(0, 1) for cam in names])  # (cams * B * T, 3, H, W)
             x = ((x + 1.0) * 0.5 - self.pixel_mean) / self.pixel_std  # ImageNet-normalised, as Florence's processor
-            with torch.no_grad() if self.freeze_vision_tower else torch.enable_grad():
-                features = self.vision_tower(x).last_hidden_state  # (N, C, h, w)
+            features = self.vision_tower(x).last_hidden_state  # (N, C, h, w); no graph when frozen
             out = self.projector(features)  # (N, h * w + 1, d_model)
             for cam, part in zip(names, out.chunk(len(names))):
                 tokens[cam] = part.reshape(B, T * part.shape[1], -1)  # (B, T * n, d_model)
