@@ -45,6 +45,8 @@ OBS_HORIZON = 2  # RT-1: 6 frames
 CHUNK_SIZE = 16  # RT-1: 1 (the current step's action)
 N_ACTION_STEPS = 8  # actions executed per predicted chunk
 EXEC_START, EXEC_END = OBS_HORIZON - 1, OBS_HORIZON - 1 + N_ACTION_STEPS
+PAD_AFTER = CHUNK_SIZE - OBS_HORIZON  # every step starts a chunk, padded to the episode end and masked in the loss
+NORMALIZATION = "minmax"  # RT-1: actions scaled to their bounds before binning; the bins cover [-1, 1]
 # Head: "l1" / "mse" regress the chunk (mimictest's RT-1); "ce" is RT-1's 256-bin head
 LOSS = "l1"
 BINS, DECODE = 256, "argmax"  # RT-1: 256 bins, argmax; "expectation" decodes the mean bin centre
@@ -80,9 +82,11 @@ RUN_NAME = f"RT1ImageMetaWorldMT10-{LOSS}"
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_metaworld_demos, tasks=TASKS, episodes_per_task=NUM_DEMOS_PER_TASK, cams=CAMS,
              image_size=IMAGE_SIZE)
-dataset = MetaWorldDataset(DATASET_PATH, TASKS, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE)
+dataset = MetaWorldDataset(DATASET_PATH, TASKS, CAMS, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE,
+                           pad_after=PAD_AFTER)
 preprocess = Preprocessor(dataset.stats, dataset.action_space, dataset.cams, image_size=IMAGE_SIZE, crop_size=CROP_SIZE,
-                          text_encoder=TextEncoder(TEXT_ENCODER), instructions=dataset.instructions)
+                          text_encoder=TextEncoder(TEXT_ENCODER), instructions=dataset.instructions,
+                          normalization=NORMALIZATION)
 
 net = RT1(dataset.action_space.model_dim, CHUNK_SIZE, OBS_HORIZON, dataset.cams, low_dim_dim=dataset.low_dim_dim,
           lang_dim=preprocess.lang_dim, efficientnet=EFFICIENTNET, backbone_norm=BACKBONE_NORM,
