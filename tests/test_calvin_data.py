@@ -92,6 +92,9 @@ def test_gr1_lmdb_reads_back_value_by_value(tmp_path):
             assert np.abs(stored.astype(int) - frames[i][f"rgb_{cam}"]).mean() < 3  # JPEG of a gradient
     item = rel[6]
     assert item["lang"] == texts[1] and item["rgb"]["static"].shape == (1, 200, 200, 3)
+    lazy = CalvinDataset(path, obs_horizon=2, chunk_size=3, cache_images=False)  # decoded per sample
+    for i in (0, 7, 11):
+        assert all(np.array_equal(lazy[i]["rgb"][cam], rel.rgb[cam][lazy.index[i][0]]) for cam in ("static", "gripper"))
 
     absolute = CalvinDataset(path, obs_horizon=1, chunk_size=1, action_mode="absolute")
     assert absolute.action_space.rotation == "euler_xyz"
@@ -143,6 +146,8 @@ def test_raw_converter_round_trips(tmp_path):
     frames = [np.load(os.path.join(raw, f"episode_{k:07d}.npz")) for k in rows]
     assert np.array_equal(a.rgb["gripper"], np.stack([f["rgb_gripper"] for f in frames]))
     assert np.abs(b.rgb["static"].astype(int) - a.rgb["static"]).mean() < 3
+    lazy = CalvinDataset(raw, 2, 4, cache_images=False)  # read from the npz files per sample
+    assert np.array_equal(lazy[6]["rgb"]["gripper"], a[6]["rgb"]["gripper"])
     v = _stored(out, ["cur_step", "inst_token_1", "inst_emb_1", "rel_action_6", "text_encoder"]
                 + [f"done_{i}" for i in range(11)] + [f"cur_episode_{i}" for i in range(11)])
     assert v["cur_step"] == 10 and v["text_encoder"] == b.text_encoder

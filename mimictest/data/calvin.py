@@ -33,6 +33,7 @@ unified 6D action space), and each episode's instruction as ``lang``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import pickle
@@ -95,8 +96,11 @@ def load_annotations(folder: str) -> dict:
     return ann
 
 
-def _segments(folder: str, ann: dict):
-    """Yield ``(instruction, {key: (T, ...)})`` for every annotated segment of a raw folder."""
+FRAME_KEYS = ("actions", "rel_actions", "robot_obs", "scene_obs", "rgb_static", "rgb_gripper")
+
+
+def _segments(folder: str, ann: dict, keys: tuple[str, ...] = FRAME_KEYS):
+    """Yield ``(instruction, frame ids (T,), {key: (T, ...)})`` for every annotated segment of a raw folder."""
     for (start, end), text in zip(ann["info"]["indx"], ann["language"]["ann"]):
         frames = []
         for i in range(int(start), int(end) + 1):
@@ -104,9 +108,47 @@ def _segments(folder: str, ann: dict):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path!r} is missing: auto_lang_ann.npy annotates frames {start}..{end}")
             with np.load(path) as frame:
-                frames.append({k: frame[k] for k in ("actions", "rel_actions", "robot_obs", "scene_obs", "rgb_static",
-                                                     "rgb_gripper")})
-        yield str(text), {k: np.stack([f[k] for f in frames]) for k in frames[0]}
+                frames.append({k: frame[k] for k in keys})
+        yield str(text), np.arange(int(start), int(end) + 1), {k: np.stack([f[k] for f in frames]) for k in keys}
+
+
+_OPEN: dict[tuple[str, int], object] = {}  # (LMDB path, process id) -> read transaction
+
+
+def _reader(path: str):
+    """A read-only transaction on ``path``, one per process (LMDB refuses a second open in one process)."""
+    key = (os.path.abspath(path), os.getpid())
+    if key not in _OPEN:
+        env = _lmdb().open(path, readonly=True, create=False, lock=False, readahead=False)
+        _OPEN[key] = env.begin()
+    return _OPEN[key]
+
+
+class _LmdbImages:
+    """One camera's JPEGs decoded from the LMDB on demand: rows -> ``(len(rows), H, W, 3)`` uint8."""
+
+    def __init__(self, path: str, cam: str) -> None:
+        self.path, self.cam = path, cam
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        from torchvision.io import decode_jpeg
+
+        txn = _reader(self.path)
+        return np.stack([decode_jpeg(_get(txn, f"rgb_{self.cam}_{int(r)}")).permute(1, 2, 0).numpy() for r in rows])
+
+
+class _RawImages:
+    """One camera's images read from the raw ``episode_XXXXXXX.npz`` files on demand."""
+
+    def __init__(self, folder: str, cam: str, frame_ids: np.ndarray) -> None:
+        self.folder, self.key, self.frame_ids = folder, f"rgb_{cam}", frame_ids  # (N,) file of each row
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        images = []
+        for r in rows:
+            with np.load(frame_path(self.folder, int(self.frame_ids[r]))) as frame:
+                images.append(frame[self.key])
+        return np.stack(images)
 
 
 def _put(txn, key: str, value) -> None:
@@ -152,7 +194,7 @@ def convert(src: str, out: str, text_encoder: str | None = None, map_size: int =
         step = episode = 0
         with env.begin(write=True) as txn:
             _put(txn, "text_encoder", encoder.name)
-            for text, seg in _segments(src, ann):
+            for text, _, seg in _segments(src, ann):
                 _put(txn, f"inst_{episode}", text)
                 _put(txn, f"inst_token_{episode}", _tokens(encoder, text))
                 _put(txn, f"inst_emb_{episode}", encoder.encode([text])[0])
@@ -206,6 +248,8 @@ class CalvinDataset(WindowDataset):
             are CALVIN's own when its ``auto_lang_ann.npy`` names no encoder.
         pad_after: the most padded actions after an episode's end (``mimictest.data.windows``;
             ``None``: every step is a sample).
+        cache_images: decode every image into RAM (small data), or read and decode each sample's
+            images from the files when it is drawn (CALVIN's full splits: about 120 kB a frame).
 
     Items as ``WindowDataset``'s, with ``lang``. Attributes: ``stats``, ``action_space``,
     ``instruction_embeddings`` (``{instruction: (D,)}``, the stored ones), ``text_encoder`` (their
@@ -214,7 +258,7 @@ class CalvinDataset(WindowDataset):
 
     def __init__(self, path: str, obs_horizon: int, chunk_size: int, action_mode: str = "relative",
                  cams: list[str] | tuple[str, ...] = CAMERAS, text_encoder: str | None = None,
-                 pad_after: int | None = None) -> None:
+                 pad_after: int | None = None, cache_images: bool = True) -> None:
         if action_mode not in ACTION_MODES:
             raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
         cams = list(cams)
@@ -225,7 +269,8 @@ class CalvinDataset(WindowDataset):
             raise FileNotFoundError(f"CALVIN dataset not found: {path!r}; make demos with `python -m mimictest.demos "
                                     "calvin --out RAW` and convert them with `python -m mimictest.data.calvin convert RAW OUT`")
         self.layout = detect(path)
-        columns, langs, ends, embeddings, encoder = (self._read_lmdb if self.layout == "lmdb" else self._read_raw)(path, cams)
+        columns, langs, ends, embeddings, encoder = (self._read_lmdb if self.layout == "lmdb" else self._read_raw)(
+            path, cams, cache_images)
         _check_encoder(encoder, text_encoder, path)
         abs_action, rel_action = columns.pop("abs_action"), columns.pop("rel_action")
         abs_action[:, 3:6] = pybullet_to_euler_xyz(abs_action[:, 3:6])
@@ -255,12 +300,13 @@ class CalvinDataset(WindowDataset):
                              else ActionSpace("euler_xyz", "absolute", env_dim=ACTION_DIM))
 
     @staticmethod
-    def _read_lmdb(path: str, cams: list[str]):
+    def _read_lmdb(path: str, cams: list[str], cache_images: bool):
         from torchvision.io import decode_jpeg
 
-        env = _lmdb().open(path, readonly=True, create=False, lock=False, readahead=False)
+        shared = (os.path.abspath(path), os.getpid()) in _OPEN  # already open for lazy images in this process
+        env = None if shared else _lmdb().open(path, readonly=True, create=False, lock=False, readahead=False)
         try:
-            with env.begin() as txn:
+            with contextlib.nullcontext(_reader(path)) if shared else env.begin() as txn:
                 n = int(_get(txn, "cur_step")) + 1
                 raw_encoder = txn.get(b"text_encoder")
                 encoder = pickle.loads(raw_encoder) if raw_encoder is not None else GR1_ENCODER
@@ -270,7 +316,7 @@ class CalvinDataset(WindowDataset):
                 ends = np.flatnonzero(np.diff(np.append(episode, episode[-1] + 1))) + 1
                 columns = {name: np.stack([_get(txn, f"{name}_{i}").numpy() for i in range(n)]).astype(np.float64)
                            for name in ("abs_action", "rel_action", "robot_obs", "scene_obs")}
-                for cam in cams:
+                for cam in cams if cache_images else []:
                     first = decode_jpeg(_get(txn, f"rgb_{cam}_0"))
                     images = np.empty((n, first.shape[1], first.shape[2], 3), dtype=np.uint8)
                     for i in range(n):
@@ -279,22 +325,28 @@ class CalvinDataset(WindowDataset):
                 langs = [str(_get(txn, f"inst_{e}")) for e in range(len(ends))]
                 embeddings = [np.asarray(_get(txn, f"inst_emb_{e}"), dtype=np.float32) for e in range(len(ends))]
         finally:
-            env.close()
+            if env is not None:
+                env.close()
+        if not cache_images:
+            columns.update((cam, _LmdbImages(path, cam)) for cam in cams)
         return columns, langs, ends, embeddings, encoder
 
     @staticmethod
-    def _read_raw(path: str, cams: list[str]):
+    def _read_raw(path: str, cams: list[str], cache_images: bool):
         ann = load_annotations(path)
         encoder = str(ann.get("text_encoder", CALVIN_ENCODER))
-        parts: dict[str, list] = {k: [] for k in ("abs_action", "rel_action", "robot_obs", "scene_obs", *cams)}
-        langs, ends = [], []
-        for text, seg in _segments(path, ann):
+        cached = cams if cache_images else []
+        parts: dict[str, list] = {k: [] for k in ("abs_action", "rel_action", "robot_obs", "scene_obs", *cached)}
+        langs, ends, ids = [], [], []
+        keys = ("actions", "rel_actions", "robot_obs", "scene_obs", *(f"rgb_{cam}" for cam in cached))
+        for text, frame_ids, seg in _segments(path, ann, keys):
             parts["abs_action"].append(seg["actions"])
             parts["rel_action"].append(seg["rel_actions"])
             parts["robot_obs"].append(seg["robot_obs"])
             parts["scene_obs"].append(seg["scene_obs"])
-            for cam in cams:
+            for cam in cached:
                 parts[cam].append(seg[f"rgb_{cam}"])
+            ids.append(frame_ids)
             langs.append(text)
             ends.append((ends[-1] if ends else 0) + len(seg["actions"]))
         if not langs:
@@ -302,6 +354,8 @@ class CalvinDataset(WindowDataset):
         columns = {k: np.concatenate(v) for k, v in parts.items()}
         for k in ("abs_action", "rel_action", "robot_obs", "scene_obs"):
             columns[k] = columns[k].astype(np.float64)
+        if not cache_images:
+            columns.update((cam, _RawImages(path, cam, np.concatenate(ids))) for cam in cams)
         emb = ann["language"].get("emb")
         embeddings = [np.asarray(e, dtype=np.float32).reshape(-1) for e in emb] if emb is not None else [np.zeros(0)] * len(langs)
         return columns, langs, ends, embeddings, encoder
