@@ -21,7 +21,7 @@ restore ACT's values and run:
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data.aloha import AlohaDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.aloha import generate_aloha_demos
@@ -74,6 +74,7 @@ SUCCESS_LAST_K = 1  # success pooled over the last K evaluations (the original m
 EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "ACTImageInsertion"
+apply_overrides(globals())  # e.g. accelerate launch Script/ACTImageInsertion.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, partial(generate_aloha_demos, TASK), episodes=NUM_DEMOS, cams=CAMS, image_size=IMAGE_SIZE)

@@ -14,7 +14,7 @@ For robomimic's own data, point DATASET_PATH at ``lift/ph/image_abs.hdf5``.
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.lift import generate_lift_demos
@@ -67,6 +67,7 @@ SUCCESS_LAST_K = 3  # success pooled over the last K evaluations (the original m
 EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "ACTImageLift"
+apply_overrides(globals())  # e.g. accelerate launch Script/ACTImageLift.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)

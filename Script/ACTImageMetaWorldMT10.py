@@ -13,7 +13,7 @@ task is evaluated from fixed starts (seeds 100000 ..) with a per-task success ta
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data.metaworld import MetaWorldDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.metaworld import generate_metaworld_demos
@@ -68,6 +68,7 @@ SUCCESS_LAST_K = 1  # success pooled over the last K evaluations (the original m
 EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "ACTImageMetaWorldMT10"
+apply_overrides(globals())  # e.g. accelerate launch Script/ACTImageMetaWorldMT10.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_metaworld_demos, tasks=TASKS, episodes_per_task=NUM_DEMOS_PER_TASK, cams=CAMS,

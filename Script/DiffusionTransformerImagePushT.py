@@ -19,7 +19,7 @@ DATASET_PATH = "Datasets/pusht/pusht_cchi_v7_replay.zarr".
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.pusht import HOW_TO_GET, PushTDataset
 from mimictest.demos import ensure_demos
@@ -68,6 +68,7 @@ SUCCESS_LAST_K = 1  # success pooled over the last K evaluations (the original m
 EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionTransformerImagePushT"
+apply_overrides(globals())  # e.g. accelerate launch Script/DiffusionTransformerImagePushT.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 if DATASET_PATH:

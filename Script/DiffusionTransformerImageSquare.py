@@ -13,7 +13,7 @@ Square expert). Sized for one GPU at the paper's batch size:
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.envs.robosuite import RobosuiteEnv
@@ -60,6 +60,7 @@ SUCCESS_LAST_K = 3  # success pooled over the last K evaluations (the original m
 EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionTransformerImageSquare"
+apply_overrides(globals())  # e.g. accelerate launch Script/DiffusionTransformerImageSquare.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 require_dataset(DATASET_PATH, "Get square/ph/image_abs.hdf5 from the Diffusion Policy data release (robomimic_image.zip), "

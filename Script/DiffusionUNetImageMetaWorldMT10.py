@@ -21,7 +21,7 @@ a GPU run, restore the values in the comments (and raise MAX_STEPS):
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data.metaworld import MetaWorldDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.metaworld import generate_metaworld_demos
@@ -72,6 +72,7 @@ SUCCESS_LAST_K = 1  # success pooled over the last K evaluations (the original m
 EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionUNetImageMetaWorldMT10"
+apply_overrides(globals())  # e.g. accelerate launch Script/DiffusionUNetImageMetaWorldMT10.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_metaworld_demos, tasks=TASKS, episodes_per_task=NUM_DEMOS_PER_TASK, cams=CAMS,

@@ -9,7 +9,7 @@ It needs ``square/ph/image_abs.hdf5`` (Diffusion Policy's data release; there is
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.envs.robosuite import RobosuiteEnv
@@ -54,6 +54,7 @@ SUCCESS_LAST_K = 3  # success pooled over the last K evaluations (the original m
 EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionUNetImageSquare"
+apply_overrides(globals())  # e.g. accelerate launch Script/DiffusionUNetImageSquare.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 require_dataset(DATASET_PATH, "Get square/ph/image_abs.hdf5 from the Diffusion Policy data release (robomimic_image.zip), "
