@@ -5,8 +5,9 @@ tokens; with one token for the proprioceptive state (not in RT-1), a decoder-onl
 causal over the observation steps, reads them with 16 action queries. ``LOSS`` picks the head:
 ``"l1"`` (or ``"mse"``) regresses 16-step chunks of 10-d actions (xyz, 6D rotation, gripper),
 mimictest's RT-1 variant; ``"ce"`` is RT-1's head, 256 uniform bins per action dimension trained
-with cross-entropy, decoded by ``DECODE``. Run both on the same budget to compare them (each gets
-its own RUN_NAME). Lift has one task and no instruction, so FiLM is off.
+with cross-entropy, decoded by ``DECODE``. Run both on the same budget to compare them:
+``--LOSS=ce`` on the command line gives the binned run its own RUN_NAME. Lift has one task and no
+instruction, so FiLM is off.
 
 RT-1's values beside the ones changed for a 2-core CPU: EfficientNet-B3 with ImageNet weights at
 300x300 (here B0 from scratch, GroupNorm: no weights can be downloaded here), 6 frames (here 1:
@@ -27,7 +28,7 @@ For robomimic's own data, point DATASET_PATH at ``lift/ph/image_abs.hdf5``.
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.lift import generate_lift_demos
@@ -81,7 +82,8 @@ MAX_EPISODE_STEPS = 300
 EVAL_EVERY = 0  # 0: only after training
 EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt
 SEED = 0  # networks' initialisation, data order, training noise
-RUN_NAME = f"RT1ImageLift-{LOSS}"
+RUN_NAME = "RT1ImageLift"
+apply_overrides(globals())  # e.g. accelerate launch Script/RT1ImageLift.py --LOSS=ce (its run: RT1ImageLift_LOSS=ce)
 
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)

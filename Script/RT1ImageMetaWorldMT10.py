@@ -22,7 +22,7 @@ staged training as in Script/RT1ImageLift.py; the FiLM layers train in both stag
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data.metaworld import MetaWorldDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.metaworld import generate_metaworld_demos
@@ -77,7 +77,8 @@ MAX_EPISODE_STEPS = 200  # MetaWorld: 500 (max_path_length); the scripted expert
 EVAL_EVERY = 0  # 0: only after training
 EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt
 SEED = 0  # networks' initialisation, data order, training noise
-RUN_NAME = f"RT1ImageMetaWorldMT10-{LOSS}"
+RUN_NAME = "RT1ImageMetaWorldMT10"
+apply_overrides(globals())  # e.g. accelerate launch Script/RT1ImageMetaWorldMT10.py --LOSS=ce (its run: RT1ImageMetaWorldMT10_LOSS=ce)
 
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_metaworld_demos, tasks=TASKS, episodes_per_task=NUM_DEMOS_PER_TASK, cams=CAMS,

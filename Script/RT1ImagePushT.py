@@ -22,7 +22,7 @@ DATASET_PATH = "Datasets/pusht/pusht_cchi_v7_replay.zarr".
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.pusht import HOW_TO_GET, PushTDataset
 from mimictest.demos import ensure_demos
@@ -75,7 +75,8 @@ MAX_EPISODE_STEPS = 300
 EVAL_EVERY = 0  # 0: only after training
 EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt
 SEED = 0  # networks' initialisation, data order, training noise
-RUN_NAME = f"RT1ImagePushT-{LOSS}"
+RUN_NAME = "RT1ImagePushT"
+apply_overrides(globals())  # e.g. accelerate launch Script/RT1ImagePushT.py --LOSS=ce (its run: RT1ImagePushT_LOSS=ce)
 
 seed_everything(SEED)
 if DATASET_PATH:

@@ -20,7 +20,7 @@ training as in Script/RT1ImageLift.py.
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.envs.robosuite import RobosuiteEnv
@@ -71,7 +71,8 @@ MAX_EPISODE_STEPS = 400
 EVAL_EVERY = 0  # 0: only after training (GPU: 10000)
 EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt
 SEED = 0  # networks' initialisation, data order, training noise
-RUN_NAME = f"RT1ImageSquare-{LOSS}"
+RUN_NAME = "RT1ImageSquare"
+apply_overrides(globals())  # e.g. accelerate launch Script/RT1ImageSquare.py --LOSS=ce (its run: RT1ImageSquare_LOSS=ce)
 
 seed_everything(SEED)
 require_dataset(DATASET_PATH, "Get square/ph/image_abs.hdf5 from the Diffusion Policy data release (robomimic_image.zip), "
