@@ -121,3 +121,16 @@ def test_chained_evaluation_stops_each_chain_at_its_first_failure():
     summary = summarize_chains(records)
     assert summary["avg_len"] == 0.0 and summary["after"][1]["success_rate"] == 0.0
     assert sum(v["total"] for v in summary["tasks"].values()) == 3
+
+
+def test_bench_envs_runs_the_script_configuration_in_calvin(tmp_path):
+    import json
+
+    from mimictest import bench
+
+    out = tmp_path / "envs.json"
+    bench.main(["--device", "cpu", "--json", str(out), "envs", "--env", "calvin", "--workers", "1", "--steps", "2",
+                "--min-seconds", "0"])
+    rows = json.load(open(out))["rows"]
+    assert [r["mode"] for r in rows] == ["simulator alone", "policy in the loop"] and all(r["env_steps_per_s"] > 0 for r in rows)
+    assert rows[1]["exec"] == 8
