@@ -276,6 +276,10 @@ class CalvinEnv(gymnasium.Env):
                 raise ValueError(f"reset option {name} must have shape ({dim},), got {np.shape(value)}")
         if seed is not None:
             self._env.seed(int(seed))
+            # The scene and its blocks keep the generator they were built with; give them the new one.
+            self._env.scene.np_random = self._env.np_random
+            for block in self._env.scene.movable_objects:
+                block.np_random = self._env.np_random
         self._obs = self._env.reset(
             robot_obs=None if robot_obs is None else np.asarray(robot_obs, dtype=np.float64),
             scene_obs=None if scene_obs is None else np.asarray(scene_obs, dtype=np.float64))
