@@ -3,10 +3,14 @@
     python -m mimictest.bench train --config dp-pusht-image [--precision both] [--vs-lerobot]
     python -m mimictest.bench infer --config dp-pusht-image --envs 8
     python -m mimictest.bench envs --env lift-lowdim --workers 1 2
+    python -m mimictest.bench train --config dp-pusht-image-small --lerobot Datasets/lerobot_pusht
+    python -m mimictest.bench decode Datasets/lerobot_pusht
 
 Training steps run the real path: uint8 batches from a DataLoader through the prefetcher, the
 device-side preprocessor, the policy's loss, backward and AdamW. Batches are synthetic, with the
-configuration's exact shapes, so no dataset is needed. ``--vs-lerobot`` also times LeRobot 0.6.1
+configuration's exact shapes, so no dataset is needed; ``--lerobot PATH`` reads a LeRobotDataset
+folder instead (its videos decoded once into RAM, as the scripts do) and reports the decode rate
+beside the data-wait fraction. ``decode`` times the video decoders on such a folder. ``--vs-lerobot`` also times LeRobot 0.6.1
 on the same shapes through ``shared/peers/lerobot`` (installed in its own venv by its setup.sh)
 and prints ours / LeRobot from the same run.
 """
@@ -212,19 +216,23 @@ def _sync(device: torch.device) -> None:
 
 
 def time_training(cfg: BenchConfig, device: torch.device, bf16: bool, steps: int, warmup: int,
-                  compile_: bool = False, channels_last: bool = False, workers: int = 2) -> dict:
-    """Median seconds per optimizer step (data, preprocessing, loss, backward, AdamW) and more."""
+                  compile_: bool = False, channels_last: bool = False, workers: int = 2,
+                  dataset: Dataset | None = None) -> dict:
+    """Median seconds per optimizer step (data, preprocessing, loss, backward, AdamW) and more.
+
+    ``dataset``: real windows with the configuration's shapes (and ``stats``) instead of synthetic ones."""
     torch.manual_seed(0)
     if device.type == "cpu":
         configure_cpu()  # as train() does
-    policy, preprocess = build_policy(cfg)
+    action_range = (dataset.stats["action"]["min"], dataset.stats["action"]["max"]) if dataset is not None else None
+    policy, preprocess = build_policy(cfg, action_range)
     policy.to(device).train()
     preprocess.to(device)
     if channels_last:
         policy.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=1e-6, fused=True)  # as train.py
     model = torch.compile(policy) if compile_ else policy
-    loader = DataLoader(SyntheticWindows(cfg), batch_size=cfg.batch, shuffle=True, drop_last=True,
+    loader = DataLoader(dataset if dataset is not None else SyntheticWindows(cfg), batch_size=cfg.batch, shuffle=True, drop_last=True,
                         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     batches = Prefetcher(endless(loader), device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -295,16 +303,29 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
+def lerobot_windows(path: str, cfg: BenchConfig) -> tuple[Dataset, dict]:
+    """A LeRobotDataset with the configuration's cameras, horizons and image size, and its decode rate."""
+    from mimictest.data.lerobot import LeRobotDataset
+
+    dataset = LeRobotDataset(path, cfg.obs_horizon, cfg.chunk, cams=list(cfg.cams), image_size=cfg.image)
+    if (dataset.low_dim_dim, dataset.action.shape[1]) != (cfg.low_dim, cfg.env_action):
+        raise SystemExit(f"{path!r} has {dataset.low_dim_dim}-d state and {dataset.action.shape[1]}-d actions, but the "
+                         f"configuration expects {cfg.low_dim} and {cfg.env_action}; choose a matching --config")
+    return dataset, {"decode_fps": dataset.decoded_frames / dataset.decode_seconds, "frames": dataset.decoded_frames}
+
+
 def cmd_train(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     for name in args.config:
         cfg = CONFIGS[name] if args.batch is None else replace(CONFIGS[name], batch=args.batch)
+        dataset, decoding = lerobot_windows(args.lerobot, cfg) if args.lerobot else (None, {})
         for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
             result = time_training(cfg, device, precision == "bf16", args.steps, args.warmup, args.compile,
-                                   args.channels_last, args.workers)
+                                   args.channels_last, args.workers, dataset)
             rows.append({"who": "mimictest", "config": name, "device": device.type, "precision": precision,
-                         "batch": cfg.batch, **result})
+                         "batch": cfg.batch, "data": "lerobot" if dataset is not None else "synthetic", **decoding,
+                         **result})
             print(_table(rows[-1:], TRAIN_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, TRAIN_COLUMNS), flush=True)
     if args.vs_lerobot:
         python = lerobot_python()
@@ -332,7 +353,87 @@ def cmd_train(args: argparse.Namespace) -> list[dict]:
 TRAIN_COLUMNS = [("who", "who", "s"), ("config", "config", "s"), ("device", "device", "s"), ("precision", "precision", "s"),
                  ("batch", "batch", "d"), ("params_M", "params (M)", ".1f"), ("s_per_step", "s/step", ".3f"),
                  ("samples_per_s", "samples/s", ".1f"), ("data_wait_frac", "data wait", ".1%"),
-                 ("peak_mem_mb", "peak mem (MiB)", ".0f")]
+                 ("peak_mem_mb", "peak mem (MiB)", ".0f"), ("data", "data", "s"),
+                 ("decode_fps", "decode frames/s", ".0f")]
+
+
+def cmd_decode(args: argparse.Namespace) -> list[dict]:
+    """Frames/s of each way to decode a LeRobot folder's first video, best of ``--repeats``: the whole file in order
+    (the reader's RAM cache), and random windows of ``obs_horizon`` frames with a seek each (what decoding per sample
+    costs, LeRobot's way), with PyAV and with torchcodec where it is installed."""
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    from mimictest.data.lerobot import decode_video_rows, read_info
+
+    info = read_info(args.path)
+    keys = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
+    if not keys:
+        raise SystemExit(f"{args.path!r} has no video feature")
+    path = os.path.join(args.path, info["video_path"].format(video_key=keys[0], chunk_index=0, file_index=0,
+                                                             episode_chunk=0, episode_index=0))  # v3.0 or v2.1
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        times = np.array([float(f.time) for f in container.decode(stream)])  # (F,) every frame's time
+        size = (stream.codec_context.height, stream.codec_context.width)
+    starts = np.random.default_rng(0).integers(0, len(times) - args.obs_horizon, args.windows)  # (windows,)
+    window_frames = args.windows * args.obs_horizon
+
+    def pyav_sequential() -> None:
+        out = np.empty((len(times), *size, 3), dtype=np.uint8)  # (F, H, W, 3)
+        decode_video_rows(path, times, None, out, np.arange(len(times)), path)
+
+    def pyav_windows() -> None:
+        reformatter = VideoReformatter()
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for s in starts:  # seek to the keyframe before the window, decode up to its last frame
+                container.seek(int(times[s] / stream.time_base), stream=stream, backward=True, any_frame=False)
+                for frame in container.decode(stream):
+                    if float(frame.time) >= times[s] - 1e-4:
+                        reformatter.reformat(frame, format="rgb24").to_ndarray()
+                    if float(frame.time) >= times[s + args.obs_horizon - 1] - 1e-4:
+                        break
+
+    cases = [(f"pyav {av.__version__}", "sequential (the reader)", len(times), pyav_sequential),
+             (f"pyav {av.__version__}", f"random windows of {args.obs_horizon}", window_frames, pyav_windows)]
+    try:
+        import torchcodec
+        from torchcodec.decoders import VideoDecoder
+
+        def torchcodec_sequential() -> None:
+            decoder = VideoDecoder(path, device="cpu")
+            for lo in range(0, len(decoder), 256):
+                decoder.get_frames_in_range(lo, min(lo + 256, len(decoder)))  # (n, 3, H, W) uint8
+
+        def torchcodec_windows() -> None:
+            decoder = VideoDecoder(path, device="cpu")  # LeRobot's default: frames played at the window's times
+            for s in starts:
+                decoder.get_frames_played_at([float(t) for t in times[s:s + args.obs_horizon]])
+
+        name = f"torchcodec {torchcodec.__version__}"
+        cases += [(name, "sequential", len(times), torchcodec_sequential),
+                  (name, f"random windows of {args.obs_horizon}", window_frames, torchcodec_windows)]
+    except (ImportError, RuntimeError) as err:  # torchcodec needs FFmpeg's shared libraries on the system
+        print(f"torchcodec unavailable ({str(err).splitlines()[0]})")
+    rows = []
+    for decoder, access, frames, run in cases:
+        seconds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        rows.append({"decoder": decoder, "access": access, "frames": frames, "frames_per_s": frames / min(seconds)})
+        print(_table(rows[-1:], DECODE_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, DECODE_COLUMNS),
+              flush=True)
+    print(f"\n{path} ({size[0]}x{size[1]}, {info['features'][keys[0]].get('info', {}).get('video.codec', '?')}):\n"
+          + _table(rows, DECODE_COLUMNS))
+    return rows
+
+
+DECODE_COLUMNS = [("decoder", "decoder", "s"), ("access", "access", "s"), ("frames", "frames", "d"),
+                  ("frames_per_s", "frames/s", ".0f")]
 
 
 def cmd_infer(args: argparse.Namespace) -> list[dict]:
@@ -506,6 +607,12 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--compile", action="store_true")
     train.add_argument("--channels-last", action="store_true")
     train.add_argument("--vs-lerobot", action="store_true", help="also time LeRobot 0.6.1 on the same shapes")
+    train.add_argument("--lerobot", metavar="PATH", help="train on this LeRobotDataset folder instead of synthetic data")
+    decode = sub.add_parser("decode", help="video decode rate of a LeRobotDataset folder, per decoder")
+    decode.add_argument("path", help="a LeRobotDataset folder with video features")
+    decode.add_argument("--windows", type=int, default=200, help="random windows read with seeking")
+    decode.add_argument("--obs-horizon", type=int, default=2, help="frames per seeking read")
+    decode.add_argument("--repeats", type=int, default=3, help="timings of each case; the best is reported")
     infer = sub.add_parser("infer", help="latency to produce one action chunk")
     infer.add_argument("--config", nargs="+", default=["dp-pusht-image"], choices=sorted(CONFIGS))
     infer.add_argument("--envs", type=int, default=8, help="the batched size (parallel envs)")
@@ -523,7 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     envs.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the policy's autocast")
     envs.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
-    rows = {"train": cmd_train, "infer": cmd_infer, "envs": cmd_envs}[args.cmd](args)
+    rows = {"train": cmd_train, "infer": cmd_infer, "envs": cmd_envs, "decode": cmd_decode}[args.cmd](args)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": sys.argv, "threads": torch.get_num_threads(), "rows": rows}, fh, indent=1, default=str)

@@ -134,6 +134,23 @@ def test_reads_the_v21_layout(pusht, tmp_path) -> None:
     assert np.abs(old.rgb["image"].astype(int) - new.rgb["image"]).max() <= 3  # lossless up to RGB <-> YUV rounding
 
 
+def test_several_tasks_become_task_ids_and_instructions(pusht) -> None:
+    """Episode 1 relabelled with a second task (as LeRobot stores one: a tasks.parquet row and the frames' task_index)."""
+    other = "Push the T-shaped block to the left."
+    tasks = pq.read_table(os.path.join(pusht, "meta", "tasks.parquet"))
+    pq.write_table(pa.Table.from_pylist([*tasks.to_pylist(), {"task_index": 1, "task": other}], schema=tasks.schema),
+                   os.path.join(pusht, "meta", "tasks.parquet"))
+    path = os.path.join(pusht, "data", "chunk-000", "file-000.parquet")
+    frames = pq.read_table(path)
+    relabelled = np.where(frames.column("episode_index").to_numpy() == 1, 1, frames.column("task_index").to_numpy())
+    pq.write_table(frames.set_column(frames.column_names.index("task_index"), "task_index", pa.array(relabelled)), path)
+    ds = LeRobotDataset(pusht, obs_horizon=1, chunk_size=4)
+    assert ds.task_names == [PUSHT_TASK, other] and ds.episode_task.tolist() == [0, 1, 0]
+    assert ds.episode_lang == [PUSHT_TASK, other, PUSHT_TASK] and ds.instructions == [PUSHT_TASK, other]
+    item = ds[int(ds.episode_ends[0])]  # episode 1's first step
+    assert item["task"] == 1 and item["lang"] == other
+
+
 def one_line(excinfo) -> str:
     message = str(excinfo.value)
     assert "\n" not in message
@@ -150,7 +167,7 @@ def rewrite_episodes(root: str, column: str, change) -> None:
 def test_bad_input_gets_one_line_errors(pusht, tmp_path) -> None:
     with pytest.raises(FileNotFoundError) as err:
         LeRobotDataset(str(tmp_path / "absent"), 1, 1)
-    assert "huggingface-cli download" in one_line(err)
+    assert "hf download --repo-type dataset" in one_line(err)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError) as err:
         LeRobotDataset(str(tmp_path / "empty"), 1, 1)

@@ -29,8 +29,9 @@ PushT and ALOHA envs); ``observation.state`` is ``low_dim``; ``action`` is the a
 task string is its instruction (``lang``), and with more than one task also its task id.
 
 Videos are decoded once, sequentially (no seeking), with PyAV into a uint8 RAM cache, like the other
-readers cache images: about 4x faster than torchcodec on LeRobot's AV1 files here
-(docs/benchmarks.md), and training then never waits on a decoder. Each row's frame is the video frame
+readers cache images, so training never waits on a decoder. PyAV, with one scaler per file, decodes
+LeRobot's AV1 files about 2x faster than torchcodec here (``python -m mimictest.bench decode``,
+docs/benchmarks.md), and its wheels bring their own FFmpeg (torchcodec needs the system's). Each row's frame is the video frame
 within ``TOLERANCE_S`` of its time, as LeRobot requires. ``image_size`` resizes while decoding
 (ALOHA's 480x640 frames to a CPU-sized 120x160: 20000 frames are 1.2 GB instead of 18 GB).
 Statistics of ``action`` and ``observation.state`` are computed from the frames (they equal
@@ -53,7 +54,7 @@ SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 TOLERANCE_S = 1e-4  # LeRobot's default tolerance_s between a frame's timestamp and its video frame
 STATE_KEY, ACTION_KEY = "observation.state", "action"
 CAMERA_PREFIXES = ("observation.images.", "observation.")
-HOW_TO_GET = ("download one with `huggingface-cli download --repo-type dataset lerobot/pusht --local-dir "
+HOW_TO_GET = ("download one with `hf download --repo-type dataset lerobot/pusht --local-dir "
               "Datasets/lerobot_pusht` (any LeRobotDataset repo), or record one with LeRobot")
 INSTALL = "install the reader's dependencies with `pip install -e \".[lerobot]\"` (pyarrow, av)"
 
@@ -191,6 +192,7 @@ def decode_video_rows(path: str, times: np.ndarray, size: tuple[int, int] | None
     """
     try:
         import av
+        from av.video.reformatter import VideoReformatter
     except ImportError as err:
         raise ImportError(f"decoding LeRobot videos needs PyAV; {INSTALL}") from err
     if not os.path.isfile(path):
@@ -199,6 +201,7 @@ def decode_video_rows(path: str, times: np.ndarray, size: tuple[int, int] | None
     targets, targets_rows = times[order], rows[order]
     resize = {} if size is None else {"width": size[1], "height": size[0], "interpolation": "AREA"}
     j, decoded, last = 0, 0, None
+    reformatter = VideoReformatter()  # one scaler for the file: frame.to_ndarray(format=...) builds one per frame, 7x slower
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -212,7 +215,7 @@ def decode_video_rows(path: str, times: np.ndarray, size: tuple[int, int] | None
                 while k < len(targets) and abs(targets[k] - t) <= TOLERANCE_S:
                     k += 1
                 if k > j:
-                    out[targets_rows[j:k]] = frame.to_ndarray(format="rgb24", **resize)  # (H, W, 3)
+                    out[targets_rows[j:k]] = reformatter.reformat(frame, format="rgb24", **resize).to_ndarray()  # (H, W, 3)
                     j, last = k, t
                     if j == len(targets):
                         return decoded
@@ -263,8 +266,8 @@ class LeRobotDataset(WindowDataset):
             cams = list(visual)
         absent = [c for c in cams if c not in visual]
         if absent:
-            raise KeyError(f"{root!r} has no camera(s) {absent}; its image/video features are "
-                           f"{ {c: k for c, k in visual.items()} }. Set CAMS to some of {list(visual)}")
+            raise KeyError(f"{root!r} has no camera(s) {absent}; its image/video features are {visual}. Set CAMS "
+                           f"to some of {list(visual)}")
         self.camera_keys = {cam: visual[cam] for cam in cams}
         for name, key in (("action_key", action_key), ("state_key", state_key)):
             if key is not None and key not in self.features:
@@ -311,13 +314,13 @@ class LeRobotDataset(WindowDataset):
                                  "to one")
         super().__init__(episode_ends, obs_horizon, chunk_size, action, low_dim, rgb, episode_task=episode_task,
                          task_names=task_names, episode_lang=episode_lang, pad_after=pad_after, source=root)
-        arrays = {ACTION_KEY: action, **({STATE_KEY: low_dim} if low_dim is not None else {})}
         selection = "" if episodes is None else f"[episodes {','.join(map(str, sorted(set(episodes))))}]"
-        keys = {f"{name}{selection}": name for name in arrays}  # a subset's statistics are its own
-        raw = cached_stats(root, list(keys), lambda key: array_stats(arrays[keys[key]]))
-        self.stats = {"action": raw[f"{ACTION_KEY}{selection}"]}
+        arrays = {"action": (f"{action_key}{selection}", action)}  # a subset's statistics are its own
         if low_dim is not None:
-            self.stats["low_dim"] = raw[f"{STATE_KEY}{selection}"]
+            arrays["low_dim"] = (f"{state_key}{selection}", low_dim)
+        names = {name: array for name, array in arrays.values()}
+        raw = cached_stats(root, list(names), lambda name: array_stats(names[name]))
+        self.stats = {ours: raw[name] for ours, (name, _) in arrays.items()}
 
     def _data_paths(self, table: list[dict], version: str) -> list[tuple[str, list[dict]]]:
         """The data files holding ``table``'s episodes, in order, each with its episodes."""
@@ -342,21 +345,22 @@ class LeRobotDataset(WindowDataset):
                 raise KeyError(f"{path!r} has no column(s) {missing}; info.json lists them as features, so the "
                                "dataset is inconsistent (re-download it)")
             data = _read_parquet(path, columns + images)
-            episode_of_row = _column(data, "episode_index")
+            values = {name: _column(data, name) for name in columns}
+            cells = {key: data.column(key).to_pylist() for key in images}  # [{"bytes": PNG, "path": ...}]
+            order = np.lexsort((values["frame_index"], values["episode_index"]))  # (n,) rows by episode, then frame
+            sorted_episodes = values["episode_index"][order]
             for row in rows:
                 e = int(row["episode_index"])
-                picked = np.flatnonzero(episode_of_row == e)
+                picked = order[np.searchsorted(sorted_episodes, e):np.searchsorted(sorted_episodes, e, side="right")]
                 if len(picked) != int(row["length"]):
                     raise ValueError(f"{path!r} holds {len(picked)} frames of episode {e}, but the episode table says "
                                      f"{row['length']}; the dataset is inconsistent (re-download it)")
-                picked = picked[np.argsort(_column(data, "frame_index")[picked], kind="stable")]
-                if not np.array_equal(_column(data, "frame_index")[picked], np.arange(len(picked))):
+                if not np.array_equal(values["frame_index"][picked], np.arange(len(picked))):
                     raise ValueError(f"{path!r}: episode {e}'s frame_index is not 0..{len(picked) - 1}")
                 for name in columns:
-                    parts[name].append(_column(data, name)[picked])
+                    parts[name].append(values[name][picked])
                 for key in images:
-                    column = data.column(key).to_pylist()
-                    parts[key].append([column[i] for i in picked])
+                    parts[key].append([cells[key][i] for i in picked])
         frames = {name: np.concatenate(parts[name]) for name in columns}
         for key in images:
             frames[key] = sum(parts[key], [])
