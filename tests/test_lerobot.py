@@ -241,3 +241,20 @@ def test_act_script_trains_and_evaluates_in_our_aloha_env(tmp_path) -> None:
                "--MAX_EPISODE_STEPS=4", "--RUN_NAME=act")
     result = evaluation_of(tmp_path / "Save" / "act")
     assert result["summary"]["episodes"] == 1 and result["episodes"][0]["length"] == 4
+
+
+def test_bench_trains_on_a_lerobot_folder_and_times_the_decoders(pusht, tmp_path) -> None:
+    """``bench train --lerobot`` and ``bench decode`` run their real paths on the fixture (numbers are not asserted)."""
+    from mimictest import bench
+
+    out = tmp_path / "train.json"
+    bench.main(["--device", "cpu", "--json", str(out), "train", "--config", "dp-pusht-image-small", "--batch", "4",
+                "--precision", "fp32", "--steps", "2", "--warmup", "1", "--workers", "0", "--lerobot", pusht])
+    [row] = json.load(open(out))["rows"]
+    assert row["data"] == "lerobot" and row["frames"] == 533 and row["decode_fps"] > 0
+    assert 0 <= row["data_wait_frac"] <= 1
+    out = tmp_path / "decode.json"
+    bench.main(["--json", str(out), "decode", pusht, "--windows", "5", "--repeats", "1"])
+    rows = json.load(open(out))["rows"]
+    assert [r["access"] for r in rows[:2]] == ["sequential (the reader)", "random windows of 2"]
+    assert all(r["frames_per_s"] > 0 for r in rows)
