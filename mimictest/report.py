@@ -40,7 +40,6 @@ from mimictest.precision import cpu_model
 REPORT_NAME = "report.html"
 VIDEOS_PER_EXECUTION = 4  # the last evaluation's first videos of each execution setting
 MAX_VIDEO_BYTES = 16 * 2**20  # a larger video is linked, not embedded
-TRAIN_KEYS = ("loss", "lr", "samples_per_s", "data_wait_frac")
 _EVAL_FILE = re.compile(r"eval_step(\d+)(_.+)?\.json")
 _VIDEO_NAME = re.compile(r"(?:rank(\d+)|(.+))_episode(\d+)\.mp4")
 
