@@ -30,6 +30,7 @@ CALVIN = [  # what calvin_env (not on PyPI: pip install -e a calvin_env checkout
     "hydra-colorlog",
     "omegaconf>=2.3",
     "gym==0.26.2",  # calvin_env uses the old gym API; it installs beside gymnasium
+    "gym-notices<0.1",  # 0.1 makes gym print a deprecation notice at every import (stable-baselines3 imports gym)
     "numpy-quaternion",
     "gitpython",
     "matplotlib",
@@ -40,7 +41,6 @@ CALVIN = [  # what calvin_env (not on PyPI: pip install -e a calvin_env checkout
     "scipy",
     "lmdb",  # GR-1's CALVIN LMDB
 ]
-REPORT = ["matplotlib>=3.7"]  # the run report's plots (report.html) and dataset playback (mimictest.viz)
 LEROBOT = [  # LeRobotDataset folders (mimictest.data.lerobot): parquet tables and AV1 / H.264 mp4 videos
     "pyarrow>=14,<26",  # pyarrow 26 needs numpy>=2 (and does not declare it); numpy<2 here
     "av>=12",  # PyAV's wheels bring FFmpeg with dav1d (AV1, LeRobot's default codec) and H.264
@@ -68,15 +68,15 @@ setup(
         "imageio>=2.30",
         "imageio-ffmpeg>=0.4",
         "wandb>=0.17",
+        "matplotlib>=3.7",  # every evaluating run writes report.html; also mimictest.viz
     ],
     extras_require={
         "sim": SIM,
         "florence": FLORENCE,
         "lang": LANG,
         "calvin": CALVIN,
-        "report": REPORT,
         "dev": DEV,
         "lerobot": LEROBOT,
-        "all": SIM + FLORENCE + LANG + REPORT + LEROBOT + DEV,
+        "all": SIM + FLORENCE + LANG + LEROBOT + DEV,
     },
 )

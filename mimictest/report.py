@@ -140,10 +140,8 @@ def _headline(run: dict) -> str:
 
 
 def _figure(rows: int, cols: int, width: float, height: float):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError('the run report plots with matplotlib: pip install -e ".[report]" (or ".[all]")') from err
+    from matplotlib.figure import Figure  # imported here: matplotlib takes a second to import
+
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     return fig, fig.subplots(rows, cols, squeeze=False)
 

@@ -13,8 +13,9 @@ re-evaluates.
 Results of a run, in ``<save_root>/<run_name>/``: ``config.json`` (every UPPERCASE constant of the
 script and the ``TrainConfig``), ``metrics.jsonl``, ``eval_step<N>.json`` (every episode),
 ``summary.json`` (each evaluation's success rate with its 95% Wilson interval, and the success
-over the last ``success_last_k`` evaluations, as the seeds report it), ``checkpoints/step<N>.pt``
-(the evaluated weights, for ``eval_checkpoints``) and ``videos/``.
+over the last ``success_last_k`` evaluations, as the seeds report it), ``report.html`` (curves,
+success, tables, videos and settings in one file), ``checkpoints/step<N>.pt`` (the evaluated
+weights, for ``eval_checkpoints``) and ``videos/``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from mimictest.evaluate import EvaluationError, Evaluator, Predictor, format_tab
 from mimictest.policies.ema import EMA
 from mimictest.precision import cpu_model, resolve_bf16
 from mimictest.preprocess import Preprocessor
+from mimictest.report import write_report
 
 
 @dataclass(kw_only=True)
@@ -528,6 +530,7 @@ class _EvalContext:
         if acc.is_main_process:
             save_results({**summary, "execution": evaluator.execution}, records, self._result(step))
             self._write_summary()
+            self.log.print(f"report: {write_report(self.run_dir)}")
         scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         if len(summary["tasks"]) > 1:
             scalars.update((f"{task}/success_rate", v["success_rate"]) for task, v in summary["tasks"].items())

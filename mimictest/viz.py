@@ -194,11 +194,9 @@ def _calvin(path: str, episode: int) -> Episode:
 
 
 def _figure(width: int, height: int):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError('dataset playback plots with matplotlib: pip install -e ".[report]" (or ".[all]")') from err
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported here: matplotlib takes a second to import
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
     FigureCanvasAgg(fig)
     return fig

@@ -21,6 +21,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from mimictest import checkpoint
@@ -42,31 +43,40 @@ def losses(run_dir: str) -> dict[int, float]:
     return curve
 
 
+def _training_seconds(run_dir: str) -> float:
+    """Seconds from the first to the last logged step of a run (its training, without start-up)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    per_step = [1.0 / r["samples_per_s"] * 16 for r in rows if "samples_per_s" in r]  # batch 16, one step per row
+    return sum(per_step)
+
+
 def launch(demos: str, root: str, steps: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, TINY, demos, root, str(steps), "0"], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
-def kill_once(proc: subprocess.Popen, run_dir: str, during_save: bool, delay: float) -> str:
-    """SIGKILL ``proc`` after ``delay`` seconds of training, or at its next checkpoint write."""
-    ckpt = os.path.join(run_dir, "last.pt")
+def kill_once(proc: subprocess.Popen, run_dir: str, during_save: bool, delay: float) -> tuple[str, str]:
+    """SIGKILL ``proc`` ``delay`` seconds after its training started, or at its next checkpoint write;
+    returns the moment and what the process printed."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     start = time.time()
-    while not os.path.exists(ckpt) and proc.poll() is None and time.time() - start < 120:
-        time.sleep(0.01)  # wait until training has started
-    start = time.time()
-    moment = "random"
-    while proc.poll() is None:
+    while not any("M parameters" in line for line in lines) and proc.poll() is None and time.time() - start < 300:
+        time.sleep(0.01)  # imports, the dataset and the resume come first
+    start, moment = time.time(), "random"
+    while proc.poll() is None and time.time() - start < 120:
         if during_save and glob.glob(os.path.join(run_dir, ".last.pt.tmp*")):
             moment = "during a checkpoint write"
             break
         if not during_save and time.time() - start >= delay:
             break
-        if time.time() - start > 60:
-            break
         time.sleep(0.0005 if during_save else 0.01)
     proc.kill()
     proc.wait()
-    return moment
+    reader.join(timeout=10)
+    return moment, "".join(lines)
 
 
 def main() -> None:
@@ -87,12 +97,12 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"the uninterrupted run failed:\n{out.stderr[-2000:]}")
         run_seconds = time.time() - start
+        train_seconds = _training_seconds(os.path.join(reference_root, "tiny"))
         run_dir = os.path.join(killed_root, "tiny")
         rows, corrupt, went_back, not_resumed, last_step = [], 0, 0, 0, 0
         for k in range(args.kills):
             proc = launch(demos, killed_root, args.steps)
-            moment = kill_once(proc, run_dir, during_save=k % 2 == 1, delay=rng.uniform(0.5, 0.6 * run_seconds))
-            log = proc.stdout.read()
+            moment, log = kill_once(proc, run_dir, during_save=k % 2 == 1, delay=rng.uniform(0.1, 0.5) * train_seconds)
             if k > 0 and "resumed from" not in log:
                 not_resumed += 1
             try:
