@@ -29,9 +29,11 @@ PushT and ALOHA envs); ``observation.state`` is ``low_dim``; ``action`` is the a
 task string is its instruction (``lang``), and with more than one task also its task id.
 
 Videos are decoded once, sequentially (no seeking), with PyAV into a uint8 RAM cache, like the other
-readers cache images, so training never waits on a decoder. PyAV, with one scaler per file, decodes
-LeRobot's AV1 files about 2x faster than torchcodec here (``python -m mimictest.bench decode``,
-docs/benchmarks.md), and its wheels bring their own FFmpeg (torchcodec needs the system's). Each row's frame is the video frame
+readers cache images, so training never waits on a decoder. Measured with ``python -m mimictest.bench
+decode`` (docs/benchmarks.md), PyAV with one scaler per file decodes LeRobot's AV1 files in order
+about as fast as torchcodec (8.5-9.2k vs 8.3-10.8k frames/s for 96x96 PushT, same dav1d
+decoder); PyAV is used because its wheels bring their own FFmpeg, where torchcodec needs the
+system's shared libraries and a release matched to torch. Each row's frame is the video frame
 within ``TOLERANCE_S`` of its time, as LeRobot requires. ``image_size`` resizes while decoding
 (ALOHA's 480x640 frames to a CPU-sized 120x160: 20000 frames are 1.2 GB instead of 18 GB).
 Statistics of ``action`` and ``observation.state`` are computed from the frames (they equal
