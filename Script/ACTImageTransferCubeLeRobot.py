@@ -7,7 +7,7 @@ the 14 joint positions, ``action`` = the 14 joint targets) and evaluated in our 
 same gym-aloha scene, top camera and joint units). The videos are resized to IMAGE_SIZE while
 they are decoded once into RAM (20000 frames: 1.2 GB at 120x160; 18 GB at ACT's 480x640). Download
 it first (any LeRobotDataset v3.0 or v2.1 folder of this shape works):
-    huggingface-cli download --repo-type dataset lerobot/aloha_sim_transfer_cube_human --local-dir Datasets/lerobot_aloha_sim_transfer_cube_human
+    hf download --repo-type dataset lerobot/aloha_sim_transfer_cube_human --local-dir Datasets/lerobot_aloha_sim_transfer_cube_human
     accelerate launch Script/ACTImageTransferCubeLeRobot.py
 The scripted ACT-format episodes of Script/ACTImageTransferCube.py can be recorded with LeRobot's
 own writer too: python tests/make_lerobot_fixture.py --from-aloha FOLDER --out FOLDER_lerobot
@@ -17,7 +17,7 @@ from functools import partial
 
 from mimictest.config import apply_overrides, seed_everything
 from mimictest.data import require_dataset
-from mimictest.data.lerobot import HOW_TO_GET, LeRobotDataset
+from mimictest.data.lerobot import LeRobotDataset, how_to_get
 from mimictest.envs.aloha import AlohaEnv
 from mimictest.evaluate import EvalTask, Evaluator
 from mimictest.nets.act import ACT
@@ -69,7 +69,7 @@ RUN_NAME = "ACTImageTransferCubeLeRobot"
 apply_overrides(globals())  # e.g. accelerate launch Script/ACTImageTransferCubeLeRobot.py --MAX_STEPS=2000
 
 seed_everything(SEED)
-require_dataset(DATASET_PATH, HOW_TO_GET.replace("lerobot/pusht", "lerobot/aloha_sim_transfer_cube_human"))
+require_dataset(DATASET_PATH, how_to_get("lerobot/aloha_sim_transfer_cube_human", DATASET_PATH))
 dataset = LeRobotDataset(DATASET_PATH, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE, cams=CAMS, image_size=IMAGE_SIZE,
                          pad_after=PAD_AFTER)
 action_space = ActionSpace(None, "absolute", env_dim=14)

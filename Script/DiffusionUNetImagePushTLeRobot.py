@@ -6,7 +6,7 @@ from LeRobot's hub dataset ``lerobot/pusht`` (206 human episodes, 25650 frames a
 target, both in pixels) instead of diffusion_policy's zarr, and evaluated in our PushT env (the
 same gym-pusht scene, camera and units). Its videos are decoded once into RAM (about 700 MB).
 Download it first (any LeRobotDataset v3.0 or v2.1 folder of this shape works):
-    huggingface-cli download --repo-type dataset lerobot/pusht --local-dir Datasets/lerobot_pusht
+    hf download --repo-type dataset lerobot/pusht --local-dir Datasets/lerobot_pusht
     accelerate launch Script/DiffusionUNetImagePushTLeRobot.py
 or record our scripted expert's demos with LeRobot's own writer (tests/make_lerobot_fixture.py).
 """
@@ -15,7 +15,7 @@ from functools import partial
 
 from mimictest.config import apply_overrides, seed_everything
 from mimictest.data import require_dataset
-from mimictest.data.lerobot import HOW_TO_GET, LeRobotDataset
+from mimictest.data.lerobot import LeRobotDataset, how_to_get
 from mimictest.envs.pusht import PushTEnv
 from mimictest.evaluate import EvalTask, Evaluator
 from mimictest.nets.obs_encoder import ObsEncoder
@@ -62,7 +62,7 @@ RUN_NAME = "DiffusionUNetImagePushTLeRobot"
 apply_overrides(globals())  # e.g. accelerate launch Script/DiffusionUNetImagePushTLeRobot.py --MAX_STEPS=2000
 
 seed_everything(SEED)
-require_dataset(DATASET_PATH, HOW_TO_GET)
+require_dataset(DATASET_PATH, how_to_get("lerobot/pusht", DATASET_PATH))
 dataset = LeRobotDataset(DATASET_PATH, obs_horizon=OBS_HORIZON, chunk_size=CHUNK_SIZE, cams=CAMS, image_size=IMAGE_SIZE,
                          pad_after=PAD_AFTER)
 action_space = ActionSpace(None, "absolute", env_dim=2)

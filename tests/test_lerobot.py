@@ -168,6 +168,13 @@ def test_bad_input_gets_one_line_errors(pusht, tmp_path) -> None:
     with pytest.raises(FileNotFoundError) as err:
         LeRobotDataset(str(tmp_path / "absent"), 1, 1)
     assert "hf download --repo-type dataset" in one_line(err)
+    script = os.path.join(ROOT, "Script", "ACTImageTransferCubeLeRobot.py")
+    out = subprocess.run([sys.executable, script], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and out.stderr.strip().splitlines()[-1] == (
+        "dataset not found: 'Datasets/lerobot_aloha_sim_transfer_cube_human'. Download one with `hf download "
+        "--repo-type dataset lerobot/aloha_sim_transfer_cube_human --local-dir "
+        "Datasets/lerobot_aloha_sim_transfer_cube_human` (any LeRobotDataset repo), or record one with LeRobot's writer "
+        "(tests/make_lerobot_fixture.py records our experts' demos)")
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError) as err:
         LeRobotDataset(str(tmp_path / "empty"), 1, 1)

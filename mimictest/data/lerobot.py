@@ -56,8 +56,10 @@ SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 TOLERANCE_S = 1e-4  # LeRobot's default tolerance_s between a frame's timestamp and its video frame
 STATE_KEY, ACTION_KEY = "observation.state", "action"
 CAMERA_PREFIXES = ("observation.images.", "observation.")
-HOW_TO_GET = ("download one with `hf download --repo-type dataset lerobot/pusht --local-dir "
-              "Datasets/lerobot_pusht` (any LeRobotDataset repo), or record one with LeRobot")
+def how_to_get(repo: str = "lerobot/pusht", folder: str = "Datasets/lerobot_pusht") -> str:
+    """The sentence that says where a LeRobot dataset folder comes from."""
+    return (f"Download one with `hf download --repo-type dataset {repo} --local-dir {folder}` (any LeRobotDataset "
+            "repo), or record one with LeRobot's writer (tests/make_lerobot_fixture.py records our experts' demos)")
 INSTALL = "install the reader's dependencies with `pip install -e \".[lerobot]\"` (pyarrow, av)"
 
 
@@ -72,11 +74,11 @@ def camera_name(key: str) -> str:
 def read_info(root: str) -> dict:
     """``meta/info.json`` of a LeRobot dataset folder, with one-line errors for a foreign folder or version."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"LeRobot dataset folder not found: {root!r}; {HOW_TO_GET}")
+        raise FileNotFoundError(f"LeRobot dataset folder not found: {root!r}. {how_to_get(folder=root)}")
     path = os.path.join(root, "meta", "info.json")
     if not os.path.isfile(path):
         raise ValueError(f"{root!r} is not a LeRobot dataset folder: it has no meta/info.json (expected the folder "
-                         f"with meta/, data/ and videos/ of a LeRobotDataset); {HOW_TO_GET}")
+                         f"with meta/, data/ and videos/ of a LeRobotDataset). {how_to_get()}")
     with open(path) as fh:
         try:
             info = json.load(fh)
