@@ -151,6 +151,36 @@ def test_several_tasks_become_task_ids_and_instructions(pusht) -> None:
     assert item["task"] == 1 and item["lang"] == other
 
 
+def test_reads_image_features_stored_in_the_parquet(pusht) -> None:
+    """``dtype: image`` (LeRobot's ``use_videos=False``): PNG bytes in a {bytes, path} struct column, decoded losslessly."""
+    import io
+
+    from PIL import Image
+
+    video = LeRobotDataset(pusht, obs_horizon=1, chunk_size=1).rgb["image"]  # (N, 96, 96, 3)
+    pngs = []
+    for image in video:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append({"bytes": buffer.getvalue(), "path": None})
+    path = os.path.join(pusht, "data", "chunk-000", "file-000.parquet")
+    frames = pq.read_table(path)
+    column = pa.array(pngs, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(frames.append_column("observation.image", column), path)
+    info_path = os.path.join(pusht, "meta", "info.json")
+    with open(info_path) as fh:
+        info = json.load(fh)
+    info["features"]["observation.image"]["dtype"] = "image"
+    info["video_path"] = None
+    with open(info_path, "w") as fh:
+        json.dump(info, fh)
+    shutil.rmtree(os.path.join(pusht, "videos"))
+    ds = LeRobotDataset(pusht, obs_horizon=2, chunk_size=4)
+    assert ds.cams == ["image"] and ds.decoded_frames == 0
+    np.testing.assert_array_equal(ds.rgb["image"], video)
+    assert LeRobotDataset(pusht, obs_horizon=1, chunk_size=1, image_size=(48, 48)).rgb["image"].shape[1:] == (48, 48, 3)
+
+
 def one_line(excinfo) -> str:
     message = str(excinfo.value)
     assert "\n" not in message

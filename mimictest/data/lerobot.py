@@ -183,7 +183,7 @@ def _decode_png(data: bytes, size: tuple[int, int] | None) -> np.ndarray:
 
     image = Image.open(io.BytesIO(data)).convert("RGB")
     if size is not None and image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.BILINEAR)
+        image = image.resize((size[1], size[0]), Image.BOX)  # area averaging, as the videos (swscale AREA)
     return np.asarray(image)  # (H, W, 3) uint8
 
 
