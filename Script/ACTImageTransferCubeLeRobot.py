@@ -5,7 +5,8 @@ constant), read from LeRobot's hub dataset ``lerobot/aloha_sim_transfer_cube_hum
 episodes of 400 steps at 50 Hz: the 480x640 ``observation.images.top`` video, ``observation.state`` =
 the 14 joint positions, ``action`` = the 14 joint targets) and evaluated in our ALOHA env (the
 same gym-aloha scene, top camera and joint units). The videos are resized to IMAGE_SIZE while
-they are decoded once into RAM (20000 frames: 1.2 GB at 120x160; 18 GB at ACT's 480x640). Download
+they are decoded once into RAM at each launch (20000 frames: 1.2 GB at 120x160, 18 GB at ACT's
+480x640; a few minutes of decoding on a 2-core CPU, docs/benchmarks.md). Download
 it first (any LeRobotDataset v3.0 or v2.1 folder of this shape works):
     hf download --repo-type dataset lerobot/aloha_sim_transfer_cube_human --local-dir Datasets/lerobot_aloha_sim_transfer_cube_human
     accelerate launch Script/ACTImageTransferCubeLeRobot.py

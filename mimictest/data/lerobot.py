@@ -105,6 +105,7 @@ def _import_pyarrow():
 
 
 def _read_parquet(path: str, columns: list[str] | None = None):
+    """A parquet file's ``columns`` (all with ``None``) as a pyarrow Table, with one-line errors."""
     pq = _import_pyarrow()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} is missing; the LeRobot dataset is incomplete (re-download it)")
@@ -138,6 +139,7 @@ def _column(table, name: str) -> np.ndarray:
 
 
 def _jsonl(path: str) -> list[dict]:
+    """The records of a v2.1 ``meta/*.jsonl`` file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} is missing; a v2.1 LeRobot dataset has meta/episodes.jsonl and "
                                 "meta/tasks.jsonl (re-download it)")
