@@ -467,3 +467,9 @@ def save_results(summary: dict, records: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump({"summary": summary, "episodes": records}, fh, indent=1)
+
+
+if __name__ == "__main__":  # python -m mimictest.evaluate POLICY_DIR --episodes 50 (mimictest.hub)
+    from mimictest.hub import evaluate_main
+
+    evaluate_main()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimictest import rotation
+from mimictest.recipe import Recorded
 
 _MIN_RANGE = 1e-4  # a dimension whose range is below this is treated as constant
 # ACT's get_norm_stats (tonyzhaozh/act, utils.py) clips every std to [1e-2, 10].
@@ -125,7 +126,7 @@ def per_camera(value: Size | dict[str, Size] | None, cams: list[str], name: str)
     return {cam: tuple(value) if value else None for cam in cams}
 
 
-class Preprocessor(nn.Module):
+class Preprocessor(Recorded, nn.Module):
     """Turns uint8 / raw batches into normalised network inputs on the device, and back.
 
     Args:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from mimictest.nets.attention import MultiheadAttention
 from mimictest.nets.dropout import Dropout
 from mimictest.nets.vision import resnet18_trunk
+from mimictest.recipe import Recorded
 
 
 def sinusoidal_1d(num_positions: int, dim: int) -> Tensor:
@@ -162,7 +163,7 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
-class ACT(nn.Module):
+class ACT(Recorded, nn.Module):
     """`{"rgb": {cam: (B, 1, 3, H_c, W_c)}, "low_dim": (B, 1, D), "lang_emb": (B, D_lang)}` -> `(B, chunk, A)`.
 
     Actions are also given when training (the CVAE posterior needs them).

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimictest.nets.unet1d import SinusoidalPosEmb
+from mimictest.recipe import Recorded
 
 
 class _Attention(nn.Module):
@@ -64,7 +65,7 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
-class DiT(nn.Module):
+class DiT(Recorded, nn.Module):
     """Noise-prediction transformer for `DiffusionPolicy` over an action chunk, conditioned on tokens.
 
     `forward(sample (B, chunk, A), timestep (B,) or scalar, global_cond (B, n_cond_tokens * cond_dim))

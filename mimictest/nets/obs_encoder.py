@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from mimictest.nets.vision import ResNet18SpatialSoftmax
+from mimictest.recipe import Recorded
 
 
-class ObsEncoder(nn.Module):
+class ObsEncoder(Recorded, nn.Module):
     """`{"rgb": {cam: (B, T, 3, H_c, W_c)}, "low_dim": (B, T, D), "lang_emb": (B, D_lang)}` -> `(B, T, out_dim)`.
 
     Args:

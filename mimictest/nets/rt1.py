@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from mimictest.nets.dropout import Dropout
 from mimictest.nets.film import FiLMEfficientNet
 from mimictest.nets.token_learner import TokenLearner
+from mimictest.recipe import Recorded
 
 
 class Block(nn.Module):
@@ -72,7 +73,7 @@ def time_causal_mask(obs_horizon: int, tokens_per_step: int, num_queries: int) -
     return step[None, :] <= step[:, None]
 
 
-class RT1(nn.Module):
+class RT1(Recorded, nn.Module):
     """`{"rgb": {cam: (B, T, 3, H, W)}, "low_dim": (B, T, D), "lang_emb": (B, D_lang) | "task": (B,)}` -> actions.
 
     Output: `(B, chunk, A)` continuous actions (``bins=None``) or `(B, chunk, A, bins)` logits.

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from mimictest.nets.unet1d import SinusoidalPosEmb
+from mimictest.recipe import Recorded
 
 
-class DiffusionTransformer(nn.Module):
+class DiffusionTransformer(Recorded, nn.Module):
     """Noise-prediction transformer over the steps of an action chunk.
 
     `forward(sample (B, T, A), timestep (B,) or scalar, global_cond (B, n_obs_steps * cond_dim))

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimictest.recipe import Recorded
+
 
 class SinusoidalPosEmb(nn.Module):
     """Transformer-style sinusoidal embedding of a scalar (the diffusion step)."""
@@ -92,7 +94,7 @@ class ConditionalResidualBlock1D(nn.Module):
         return out + self.residual_conv(x)
 
 
-class ConditionalUnet1D(nn.Module):
+class ConditionalUnet1D(Recorded, nn.Module):
     """Noise-prediction UNet over the time axis of an action chunk.
 
     `forward(sample (B, T, A), timestep (B,) or scalar, global_cond (B, n_obs_steps * cond_dim)) -> (B, T, A)`,

@@ -11,8 +11,10 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor, nn
 
+from mimictest.recipe import Recorded
 
-class Policy(nn.Module, ABC):
+
+class Policy(Recorded, nn.Module, ABC):
     """``compute_loss(batch) -> {"total_loss", ...}`` and ``predict(batch) -> (B, chunk, A)`` in model space."""
 
     @abstractmethod

@@ -1,0 +1,186 @@
+"""Hub-format policies: a folder of ``model.safetensors`` and ``config.json`` that rebuilds itself.
+
+``save_pretrained(policy, preprocess, out_dir, evaluator=..., run=...)`` writes:
+
+- ``model.safetensors``: the policy's weights (pass the EMA module to save the EMA weights) as
+  ``policy.<name>``, and the preprocessor's statistics buffers as ``preprocess.<name>`` (with the
+  embeddings of the training instructions as ``preprocess.lang_table``);
+- ``config.json``: ``policy`` and ``preprocess``, the recipes of both (each network's class and its
+  constructor arguments, nested networks included: ``mimictest.recipe``), so the preprocessing
+  statistics and the action space are there in plain numbers; ``instructions``, the rows of
+  ``lang_table``; ``evaluator``, the recipe of the benchmark's ``Evaluator`` (its tasks, each
+  with its env factory as ``{"__partial__": "mimictest.envs.pusht:PushTEnv", "kwargs": ...}``),
+  or ``null``; ``run``, the training run's ``config.json`` (the script's name, every UPPERCASE
+  constant and the ``TrainConfig``), or ``null``.
+
+``from_pretrained(policy_dir)`` builds the policy, the preprocessor and the evaluator from the
+recipes, with no script, and loads the weights. The text encoder is not saved: the saved
+embeddings cover the training instructions, and a new instruction is refused with a clear error.
+
+``python -m mimictest.evaluate POLICY_DIR --episodes 50`` rolls a saved policy out in its
+benchmark's env (``evaluate_main``), prints the success table and writes every episode to
+``POLICY_DIR/eval_episodes<N>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from mimictest.atomic import write_json
+from mimictest.preprocess import Preprocessor
+from mimictest.recipe import decode, encode, encode_arguments
+
+FORMAT = "mimictest-policy"
+VERSION = 1
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+_NOT_RECIPE = ("text_encoder", "instructions")  # Preprocessor arguments carried by the saved embeddings instead
+
+
+class Pretrained(NamedTuple):
+    """What ``from_pretrained`` returns."""
+
+    policy: nn.Module
+    preprocess: Preprocessor
+    evaluator: object | None  # mimictest.evaluate.Evaluator
+    config: dict
+
+
+def save_pretrained(policy: nn.Module, preprocess: Preprocessor, out_dir: str, evaluator=None,
+                    run: dict | None = None) -> str:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` atomically; returns ``out_dir``.
+
+    ``policy`` and the networks in it must be built from ``mimictest.recipe.Recorded`` classes (every
+    policy and network of the package is); ``evaluator`` is the run's ``Evaluator`` and ``run`` the
+    run's configuration (``Save/<run>/config.json``'s content). A folder that holds other files than
+    these two is refused, so nothing else is overwritten.
+    """
+    if os.path.isdir(out_dir):
+        others = sorted(set(os.listdir(out_dir)) - {WEIGHTS, CONFIG})
+        if others:
+            raise FileExistsError(f"{out_dir} already holds {others[:3]}; save the policy to a new or empty folder")
+    extra = preprocess.get_extra_state()
+    config = {
+        "format": FORMAT, "version": VERSION,
+        "policy": encode(policy, "policy"),
+        "preprocess": {"__class__": "mimictest.preprocess:Preprocessor",
+                       "kwargs": encode_arguments(preprocess, "preprocess", skip=_NOT_RECIPE)},
+        "instructions": list(extra["instructions"]),
+        "evaluator": None if evaluator is None else encode(evaluator, "evaluator"),
+        "run": run,
+    }
+    tensors = {f"policy.{k}": _tensor(v, k) for k, v in policy.state_dict().items()}
+    tensors.update((f"preprocess.{k}", _tensor(v, k)) for k, v in preprocess.state_dict().items() if k != "_extra_state")
+    tensors["preprocess.lang_table"] = extra["lang_table"].float().contiguous()
+    text = json.dumps(config)  # refuse an unserialisable run config before anything is written
+    _write_bytes(os.path.join(out_dir, WEIGHTS), save_tensors(tensors, metadata={"format": FORMAT}))
+    write_json(os.path.join(out_dir, CONFIG), json.loads(text))
+    return out_dir
+
+
+def from_pretrained(policy_dir: str, device: str | torch.device = "cpu") -> Pretrained:
+    """Build the policy (in eval mode), the preprocessor and the evaluator saved in ``policy_dir``."""
+    paths = [os.path.join(policy_dir, name) for name in (CONFIG, WEIGHTS)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{policy_dir} is not a saved policy: no {missing[0]}; write one with "
+                                "mimictest.hub.save_pretrained")
+    with open(paths[0]) as fh:
+        config = json.load(fh)
+    if config.get("format") != FORMAT or config.get("version") != VERSION:
+        raise ValueError(f"{paths[0]} is not a {FORMAT} config of version {VERSION} "
+                         f"(format {config.get('format')!r}, version {config.get('version')!r})")
+    with open(paths[1], "rb") as fh:
+        tensors = load_tensors(fh.read())
+    policy = decode(config["policy"])
+    policy.load_state_dict(_part(tensors, "policy."))
+    preprocess = Preprocessor(**decode(config["preprocess"]["kwargs"]))
+    state = _part(tensors, "preprocess.")
+    state["_extra_state"] = {"instructions": config["instructions"], "lang_table": state.pop("lang_table")}
+    preprocess.load_state_dict(state)
+    evaluator = None if config["evaluator"] is None else decode(config["evaluator"])
+    return Pretrained(policy.to(device).eval(), preprocess.to(device), evaluator, config)
+
+
+def _tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor; safetensors holds tensors only")
+    return value.detach().cpu().contiguous().clone()  # clone: tied weights become separate tensors
+
+
+def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def evaluate_main(argv: list[str] | None = None) -> dict:
+    """``python -m mimictest.evaluate POLICY_DIR --episodes 50``: the summary of a saved policy's rollouts."""
+    from mimictest.config import seed_everything
+    from mimictest.evaluate import Predictor, format_table, summarize
+
+    parser = argparse.ArgumentParser(prog="python -m mimictest.evaluate",
+                                     description="Evaluate a policy saved by mimictest.hub.save_pretrained in its env.")
+    parser.add_argument("policy_dir")
+    parser.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the saved count)")
+    parser.add_argument("--num-envs", type=int, default=None, help="parallel env workers (default: the saved count)")
+    parser.add_argument("--videos", type=int, default=0, help="rollouts to save as mp4 in POLICY_DIR/videos/")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the policy's sampling noise")
+    args = parser.parse_args(argv)
+    if args.episodes is not None and args.episodes < 1:
+        parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    loaded = from_pretrained(args.policy_dir, args.device)
+    evaluator = loaded.evaluator
+    if evaluator is None:
+        parser.error(f"{args.policy_dir} was saved without an evaluator (save_pretrained(..., evaluator=...)); "
+                     "it names no env to evaluate in")
+    tasks = [_with_episodes(task, args.episodes) for task in evaluator.tasks] if args.episodes else evaluator.tasks
+    evaluator = dataclasses.replace(evaluator, tasks=tasks, num_envs=args.num_envs or evaluator.num_envs,
+                                    num_videos=args.videos)
+    seed_everything(args.seed)
+    predictor = Predictor(loaded.policy, loaded.preprocess, torch.device(args.device))
+    video_dir = os.path.join(args.policy_dir, "videos") if args.videos else None
+    try:
+        records = evaluator.rollouts(predictor, video_dir=video_dir, progress=True)
+    finally:
+        evaluator.close()
+    summary = summarize(records)
+    out = os.path.join(args.policy_dir, f"eval_episodes{evaluator.num_episodes}.json")
+    write_json(out, {"summary": {**summary, "execution": evaluator.execution}, "episodes": records})
+    print(format_table(summary))
+    print(f"episodes written to {out}")
+    return summary
+
+
+def _with_episodes(task, episodes: int):
+    """``task`` with ``episodes`` episodes: its first saved starts, or the seeds from the evaluator's."""
+    if task.starts is None:
+        return dataclasses.replace(task, num_episodes=episodes)
+    if episodes > len(task.starts):
+        raise SystemExit(f"task {task.name!r} was saved with {len(task.starts)} starts; ask for at most that many --episodes")
+    return dataclasses.replace(task, num_episodes=episodes, starts=task.starts[:episodes])
