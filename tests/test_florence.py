@@ -159,6 +159,8 @@ def test_frozen_tower_gets_no_gradient_and_stays_bit_identical() -> None:
     for _ in range(3):
         policy.compute_loss(toy_batch(4))["total_loss"].backward()
         assert all(p.grad is None for p in net.vision_tower.parameters())
+        # every trainable weight is used: DDP without find_unused_parameters needs it (word embeddings are frozen)
+        assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert all(torch.equal(v, tower[k]) for k, v in net.vision_tower.state_dict().items())
