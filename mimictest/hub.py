@@ -6,7 +6,8 @@
   ``policy.<name>``, and the preprocessor's statistics buffers as ``preprocess.<name>`` (with the
   embeddings of the training instructions as ``preprocess.lang_table``);
 - ``config.json``: ``policy`` and ``preprocess``, the recipes of both (each network's class and its
-  constructor arguments, nested networks included: ``mimictest.recipe``), so the preprocessing
+  constructor arguments, nested networks included: ``mimictest.recipe``; a Florence-2 tokenizer is
+  saved in ``tokenizer/``), so the preprocessing
   statistics and the action space are there in plain numbers; ``instructions``, the rows of
   ``lang_table``; ``evaluator``, the recipe of the benchmark's ``Evaluator`` (its tasks, each
   with its env factory as ``{"__partial__": "mimictest.envs.pusht:PushTEnv", "kwargs": ...}``),
@@ -42,7 +43,7 @@ from mimictest.recipe import decode, encode, encode_arguments
 
 FORMAT = "mimictest-policy"
 VERSION = 1
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer"
 _NOT_RECIPE = ("text_encoder", "instructions")  # Preprocessor arguments carried by the saved embeddings instead
 
 
@@ -61,17 +62,18 @@ def save_pretrained(policy: nn.Module, preprocess: Preprocessor, out_dir: str, e
 
     ``policy`` and the networks in it must be built from ``mimictest.recipe.Recorded`` classes (every
     policy and network of the package is); ``evaluator`` is the run's ``Evaluator`` and ``run`` the
-    run's configuration (``Save/<run>/config.json``'s content). A folder that holds other files than
-    these two is refused, so nothing else is overwritten.
+    run's configuration (``Save/<run>/config.json``'s content). A Florence-2 tokenizer goes to
+    ``out_dir/tokenizer/``. A folder that holds other files than these is refused, so nothing else is
+    overwritten.
     """
     if os.path.isdir(out_dir):
-        others = sorted(set(os.listdir(out_dir)) - {WEIGHTS, CONFIG})
+        others = sorted(set(os.listdir(out_dir)) - {WEIGHTS, CONFIG, TOKENIZER})
         if others:
             raise FileExistsError(f"{out_dir} already holds {others[:3]}; save the policy to a new or empty folder")
     extra = preprocess.get_extra_state()
     config = {
         "format": FORMAT, "version": VERSION,
-        "policy": encode(policy, "policy"),
+        "policy": encode(policy, "policy", folder=out_dir),
         "preprocess": {"__class__": "mimictest.preprocess:Preprocessor",
                        "kwargs": encode_arguments(preprocess, "preprocess", skip=_NOT_RECIPE)},
         "instructions": list(extra["instructions"]),
@@ -101,7 +103,7 @@ def from_pretrained(policy_dir: str, device: str | torch.device = "cpu") -> Pret
                          f"(format {config.get('format')!r}, version {config.get('version')!r})")
     with open(paths[1], "rb") as fh:
         tensors = load_tensors(fh.read())
-    policy = decode(config["policy"])
+    policy = decode(config["policy"], policy_dir)
     policy.load_state_dict(_part(tensors, "policy."))
     preprocess = Preprocessor(**decode(config["preprocess"]["kwargs"]))
     state = _part(tensors, "preprocess.")

@@ -180,3 +180,47 @@ def test_evaluate_cli_runs_a_saved_pusht_policy(tmp_path):
         episodes = json.load(fh)["episodes"]
     assert len(episodes) == 2 and all(e["length"] == 8 for e in episodes)
     assert [e["task"] for e in episodes] == ["pusht", "pusht"]
+
+
+def word_tokenizer():
+    """A real word-level fast tokenizer with BART's special tokens, built offline (as a FLORENCE_PATH folder's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<", ">", "Action"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("head", ["linear", "linear_tokenizer", "dit", "flow"])
+def test_florence_round_trip_predicts_the_same(head, tmp_path):
+    """A tiny Florence-2 from its config (the recipe), with and without a tokenizer (saved in tokenizer/)."""
+    pytest.importorskip("transformers", reason='Florence-2 needs transformers>=5: pip install -e ".[florence]"')
+    from mimictest.nets.florence import (FlorenceActionExpert, FlorenceBackbone, FlorenceLinear, FlorenceQueryEncoder,
+                                         load_florence)
+    from mimictest.policies.flow import FlowMatchingPolicy
+
+    torch.manual_seed(0)
+    florence, _, _ = load_florence(None, "tiny", dropout=0.0)
+    tokenizer = word_tokenizer() if head == "linear_tokenizer" else None
+    backbone = FlorenceBackbone(florence, ["cam"], low_dim_dim=LOW, tokenizer=tokenizer, freeze_vision_tower=False)
+    if head.startswith("linear"):
+        policy = RegressionPolicy(FlorenceLinear(backbone, A, CHUNK), loss="l1")
+    elif head == "dit":
+        queries = FlorenceQueryEncoder(backbone, num_queries=2)
+        policy = DiffusionPolicy(queries, DiT(A, CHUNK, queries.num_tokens, queries.out_dim, n_layer=1, n_head=2, n_emb=16),
+                                 A, CHUNK, sampler="ddim", num_inference_steps=2, num_train_timesteps=10)
+    else:
+        policy = FlowMatchingPolicy(FlorenceActionExpert(backbone, A, CHUNK), A, CHUNK, num_flow_steps=2)
+    policy.eval()
+    preprocess = Preprocessor(stats(), ActionSpace(None, env_dim=A), ["cam"], image_size=(IMAGE, IMAGE))
+    batch = raw_batch(["cam"], T)
+    before = predict(policy, preprocess, batch)
+    loaded = from_pretrained(save_pretrained(policy, preprocess, str(tmp_path)))
+    torch.testing.assert_close(predict(loaded.policy, loaded.preprocess, batch), before, rtol=0, atol=0)
+    rebuilt = next(m for m in loaded.policy.modules() if isinstance(m, FlorenceBackbone))
+    assert torch.equal(rebuilt.prompt_ids, backbone.prompt_ids) and rebuilt.pad_id == backbone.pad_id
+    assert os.path.isdir(tmp_path / "tokenizer") == (tokenizer is not None)

@@ -43,6 +43,8 @@ import os
 import torch
 from torch import Tensor, nn
 
+from mimictest.recipe import Recorded
+
 FLORENCE_LAYOUT = (
     "a folder in transformers' native Florence-2 layout (save_pretrained output: config.json with model_type "
     "'florence2', model.safetensors, tokenizer.json or vocab.json + merges.txt), e.g. a download of "
@@ -171,7 +173,7 @@ class FlorenceTokenizer:
         return torch.tensor(ids, dtype=torch.float32).reshape(len(texts), self.dim)
 
 
-class FlorenceBackbone(nn.Module):
+class FlorenceBackbone(Recorded, nn.Module):
     """Observations -> the BART encoder's prefix ``(B, N, d_model)``; query tokens -> decoder states.
 
     Args:
@@ -284,7 +286,7 @@ class FlorenceBackbone(nn.Module):
                             use_cache=False).last_hidden_state
 
 
-class FlorenceLinear(nn.Module):
+class FlorenceLinear(Recorded, nn.Module):
     """The linear head: ``chunk`` learned action queries through the decoder, then ``Linear`` -> ``(B, chunk, A)``.
 
     For ``mimictest.policies.regression.RegressionPolicy`` (mimictest's FlorenceNet: L1 loss).
@@ -302,7 +304,7 @@ class FlorenceLinear(nn.Module):
         return self.to_action(self.backbone.decode(prefix, queries))  # (B, chunk, A)
 
 
-class FlorenceQueryEncoder(nn.Module):
+class FlorenceQueryEncoder(Recorded, nn.Module):
     """Observations -> ``(B, num_queries, d_model)`` decoder states of learned queries: the DiT head's condition.
 
     The observation encoder for ``DiffusionPolicy`` (mimictest's FlorenceMDTNet: 64 queries), which
@@ -327,7 +329,7 @@ def sincos_time(t: Tensor, dim: int, min_period: float = 4e-3, max_period: float
     return torch.cat((angle.sin(), angle.cos()), dim=-1)
 
 
-class FlorenceActionExpert(nn.Module):
+class FlorenceActionExpert(Recorded, nn.Module):
     """The flow head's network: the BART decoder as pi0's action expert over noisy action tokens.
 
     Black et al., "pi0: A Vision-Language-Action Flow Model for General Robot Control", 2024
