@@ -20,7 +20,9 @@ embeddings cover the training instructions, and a new instruction is refused wit
 
 ``python -m mimictest.evaluate POLICY_DIR --episodes 50`` rolls a saved policy out in its
 benchmark's env (``evaluate_main``), prints the success table and writes every episode to
-``POLICY_DIR/eval_episodes<N>.json``.
+``POLICY_DIR/eval/episodes<N>.json`` (videos, with ``--videos K``, to ``POLICY_DIR/eval/videos/``).
+Paths in the env's recipe (CALVIN's ``dataset_path``) are as the script gave them: run it from the
+same working directory.
 """
 
 from __future__ import annotations
@@ -64,12 +66,11 @@ def save_pretrained(policy: nn.Module, preprocess: Preprocessor, out_dir: str, e
     policy and network of the package is); ``evaluator`` is the run's ``Evaluator`` and ``run`` the
     run's configuration (``Save/<run>/config.json``'s content). A Florence-2 tokenizer goes to
     ``out_dir/tokenizer/``. A folder that holds other files than these is refused, so nothing else is
-    overwritten.
+    overwritten; a folder that holds a saved policy gets the new one (its ``eval/`` results stay).
     """
-    if os.path.isdir(out_dir):
-        others = sorted(set(os.listdir(out_dir)) - {WEIGHTS, CONFIG, TOKENIZER})
-        if others:
-            raise FileExistsError(f"{out_dir} already holds {others[:3]}; save the policy to a new or empty folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not _is_policy_dir(out_dir):
+        raise FileExistsError(f"{out_dir} already holds {sorted(os.listdir(out_dir))[:3]} and no saved policy; save the "
+                              "policy to a new or empty folder")
     extra = preprocess.get_extra_state()
     config = {
         "format": FORMAT, "version": VERSION,
@@ -113,6 +114,14 @@ def from_pretrained(policy_dir: str, device: str | torch.device = "cpu") -> Pret
     return Pretrained(policy.to(device).eval(), preprocess.to(device), evaluator, config)
 
 
+def _is_policy_dir(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, CONFIG)) as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _tensor(value, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor; safetensors holds tensors only")
@@ -150,13 +159,16 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     parser.add_argument("policy_dir")
     parser.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the saved count)")
     parser.add_argument("--num-envs", type=int, default=None, help="parallel env workers (default: the saved count)")
-    parser.add_argument("--videos", type=int, default=0, help="rollouts to save as mp4 in POLICY_DIR/videos/")
+    parser.add_argument("--videos", type=int, default=0, help="rollouts to save as mp4 in POLICY_DIR/eval/videos/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy's sampling noise")
     args = parser.parse_args(argv)
     if args.episodes is not None and args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
-    loaded = from_pretrained(args.policy_dir, args.device)
+    try:
+        loaded = from_pretrained(args.policy_dir, args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     evaluator = loaded.evaluator
     if evaluator is None:
         parser.error(f"{args.policy_dir} was saved without an evaluator (save_pretrained(..., evaluator=...)); "
@@ -166,13 +178,13 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
                                     num_videos=args.videos)
     seed_everything(args.seed)
     predictor = Predictor(loaded.policy, loaded.preprocess, torch.device(args.device))
-    video_dir = os.path.join(args.policy_dir, "videos") if args.videos else None
+    video_dir = os.path.join(args.policy_dir, "eval", "videos") if args.videos else None
     try:
         records = evaluator.rollouts(predictor, video_dir=video_dir, progress=True)
     finally:
         evaluator.close()
     summary = summarize(records)
-    out = os.path.join(args.policy_dir, f"eval_episodes{evaluator.num_episodes}.json")
+    out = os.path.join(args.policy_dir, "eval", f"episodes{evaluator.num_episodes}.json")
     write_json(out, {"summary": {**summary, "execution": evaluator.execution}, "episodes": records})
     print(format_table(summary))
     print(f"episodes written to {out}")

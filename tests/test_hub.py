@@ -176,10 +176,16 @@ def test_evaluate_cli_runs_a_saved_pusht_policy(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "all episodes" in result.stdout
-    with open(os.path.join(folder, "eval_episodes2.json")) as fh:
+    with open(os.path.join(folder, "eval", "episodes2.json")) as fh:
         episodes = json.load(fh)["episodes"]
     assert len(episodes) == 2 and all(e["length"] == 8 for e in episodes)
     assert [e["task"] for e in episodes] == ["pusht", "pusht"]
+    save_pretrained(policy, preprocess, folder, evaluator=evaluator)  # a relaunched run saves over its own policy
+    missing = subprocess.run([sys.executable, "-m", "mimictest.evaluate", str(tmp_path / "none")], capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'none'} is not a saved policy: no {tmp_path / 'none' / 'config.json'}; "
+        "write one with mimictest.hub.save_pretrained"]
 
 
 def word_tokenizer():
