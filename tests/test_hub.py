@@ -230,3 +230,22 @@ def test_florence_round_trip_predicts_the_same(head, tmp_path):
     rebuilt = next(m for m in loaded.policy.modules() if isinstance(m, FlorenceBackbone))
     assert torch.equal(rebuilt.prompt_ids, backbone.prompt_ids) and rebuilt.pad_id == backbone.pad_id
     assert os.path.isdir(tmp_path / "tokenizer") == (tokenizer is not None)
+
+
+def test_ema_copy_saves_its_own_weights(tmp_path):
+    """``save_pretrained(ema.module, ...)``: the deep copy keeps its recipe, and its averaged weights are saved."""
+    from mimictest.policies.ema import EMA
+
+    torch.manual_seed(0)
+    policy = act()
+    ema = EMA(policy, power=1.0)
+    for _ in range(3):  # the average lags behind the trained weights
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(1.0)
+        ema.update(policy)
+    preprocess = Preprocessor(stats(), ActionSpace(None, env_dim=A), normalization="meanstd")
+    loaded = from_pretrained(save_pretrained(ema.module, preprocess, str(tmp_path)))
+    saved, trained = loaded.policy.state_dict(), policy.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in ema.module.state_dict().items())
+    assert not all(torch.equal(saved[k], v) for k, v in trained.items())
