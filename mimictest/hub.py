@@ -84,7 +84,7 @@ def save_pretrained(policy: nn.Module, preprocess: Preprocessor, out_dir: str, e
     tensors = {f"policy.{k}": _tensor(v, k) for k, v in policy.state_dict().items()}
     tensors.update((f"preprocess.{k}", _tensor(v, k)) for k, v in preprocess.state_dict().items() if k != "_extra_state")
     tensors["preprocess.lang_table"] = extra["lang_table"].float().contiguous()
-    text = json.dumps(config)  # refuse an unserialisable run config before anything is written
+    text = json.dumps(config)  # refuse an unserialisable run config before the weights and config are written
     _write_bytes(os.path.join(out_dir, WEIGHTS), save_tensors(tensors, metadata={"format": FORMAT}))
     write_json(os.path.join(out_dir, CONFIG), json.loads(text))
     return out_dir
