@@ -15,7 +15,8 @@ script and the ``TrainConfig``), ``metrics.jsonl``, ``eval_step<N>.json`` (every
 ``summary.json`` (each evaluation's success rate with its 95% Wilson interval, and the success
 over the last ``success_last_k`` evaluations, as the seeds report it), ``report.html`` (curves,
 success, tables, videos and settings in one file), ``checkpoints/step<N>.pt`` (the evaluated
-weights, for ``eval_checkpoints``) and ``videos/``.
+weights, for ``eval_checkpoints``), ``videos/`` and, at the end, ``policy/`` (``mimictest.hub``:
+the weights and everything needed to rebuild the policy without the script).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from mimictest.cpu import configure_cpu
 from mimictest.data.prefetcher import Prefetcher
 from mimictest.data.sampler import StepSampler
 from mimictest.evaluate import EvaluationError, Evaluator, Predictor, format_table, save_results, summarize
+from mimictest.hub import save_pretrained
 from mimictest.policies.ema import EMA
 from mimictest.precision import cpu_model, resolve_bf16
 from mimictest.preprocess import Preprocessor
@@ -307,6 +309,10 @@ def train(policy: nn.Module, preprocess: Preprocessor, dataset: Dataset, cfg: Tr
     bar.close()
     if evaluator is not None and summary is None:  # a finished run launched again
         summary = eval_ctx.training(ema.module if ema else policy, step)
+    if accelerator.is_main_process:  # after the evaluation, so that its results are safe whatever happens here
+        policy_dir = save_pretrained(ema.module if ema else policy, preprocess, os.path.join(run_dir, "policy"),
+                                     evaluator=evaluator, run=run_config)
+        log.print(f"policy saved to {policy_dir}/ (evaluate it: python -m mimictest.evaluate {policy_dir} --episodes 50)")
     eval_ctx.close()
     return summary
 

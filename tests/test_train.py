@@ -82,6 +82,15 @@ def test_train_and_evaluate(demos, uninterrupted):
     assert pooled["success_rate"] == pytest.approx(100 * wins / 4)
     assert table["cpu"] and "success_ci95" in pooled
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step20.pt", "step40.pt"]
+    assert (run / "report.html").exists()
+
+    # The hub-format policy folder, rebuilt without the script: the EMA weights of step 40.
+    from mimictest.hub import from_pretrained
+
+    policy, _, evaluator, saved = from_pretrained(str(run / "policy"))
+    ema = checkpoint.load(str(run / "last.pt"))["ema"]["module"]
+    assert all(torch.equal(policy.state_dict()[k], v) for k, v in ema.items())
+    assert saved["run"]["constants"]["MAX_STEPS"] == 40 and evaluator.tasks[0].name == "lift"
 
     # Every UPPERCASE constant of the script is recorded.
     config = json.load(open(run / "config.json"))
