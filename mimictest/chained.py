@@ -43,8 +43,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mimictest.envs.vector import ScheduledEnv, make_vec_env, unflatten
-from mimictest.evaluate import (Predictor, TemporalEnsembler, _write_video, new_history, push_history, reset_history,
-                                wilson_interval)
+from mimictest.evaluate import (ChunkQueues, Predictor, _write_video, new_history, push_history, reset_history,
+                                wilson_interval, window_of)
 
 EP_LEN = 360
 CHAIN_LEN = 5
@@ -345,9 +345,7 @@ class ChainedEvaluator:
                    for w, schedule in enumerate(schedules)]
             self._venv = make_vec_env(fns, subprocess=num_envs > 1)
             self._venv_key = key
-        else:
-            self._venv.env_method("rewind")
-        return self._venv, schedules
+        return self._venv, schedules  # reset() starts every worker's schedule again
 
     def rollouts(self, predictor: Predictor, rank: int = 0, world: int = 1, video_dir: str | None = None,
                  progress: bool = True) -> list[dict]:
@@ -361,10 +359,7 @@ class ChainedEvaluator:
         subtask = [0] * num_envs  # each worker's current subtask index
         obs = unflatten(venv.reset())
         history = new_history(obs, self.obs_horizon)  # (num_envs, T_obs, ...)
-        queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
-        ensemblers = ([TemporalEnsembler(self.temporal_ensemble) for _ in range(num_envs)]
-                      if self.temporal_ensemble is not None else None)
-        last: list[np.ndarray] = [np.empty(0)] * num_envs
+        actions = ChunkQueues(num_envs, self.exec_start, self.exec_end, self.temporal_ensemble)
         steps = np.zeros(num_envs, int)
         frames: list[np.ndarray] = []
         records: list[dict] = []
@@ -377,31 +372,18 @@ class ChainedEvaluator:
             return self.chains[schedules[i][done_count[i]]][1]
 
         def clear(i: int) -> None:  # CALVIN's model.reset() at every new subtask
-            queues[i] = []
-            if ensemblers:
-                ensemblers[i].reset()
+            actions.clear(i)
             reset_history(history, obs, i)
 
         with predictor.autocast():
             while any(running(i) for i in range(num_envs)):
-                need = [i for i in range(num_envs) if running(i) and (ensemblers or not queues[i])]
+                active = [i for i in range(num_envs) if running(i)]
+                need = actions.needing(active)
                 if need:
-                    window = {k: ({cam: v[need] for cam, v in h.items()} if isinstance(h, dict) else h[need])
-                              for k, h in history.items()}
+                    window = window_of(history, need, [])
                     window["lang"] = [self.instructions[chain_of(i)[subtask[i]]] for i in need]
-                    chunk = predictor.chunk(window)[:, self.exec_start:self.exec_end]  # (n, H, model_dim)
-                    if ensemblers:
-                        for j, i in enumerate(need):
-                            ensemblers[i].add(chunk[j])
-                    else:
-                        env_chunk = predictor.to_env(chunk)  # (n, H, env_dim)
-                        for j, i in enumerate(need):
-                            queues[i] = list(env_chunk[j])
-                for i in range(num_envs):
-                    if running(i):
-                        last[i] = ensemblers[i].pop() if ensemblers else queues[i].pop(0)
-                actions = predictor.to_env(np.stack(last)) if ensemblers else np.stack(last)  # (num_envs, 7)
-                flat_obs, _, dones, infos = venv.step(actions)
+                    actions.fill(predictor, window, need)
+                flat_obs, _, dones, infos = venv.step(actions.step(predictor, active))  # (num_envs, 7) actions
                 obs = unflatten(flat_obs)
                 steps += 1
                 if "frame" in infos[0] and running(0) and sum(r["env"] == 0 for r in records) < self.num_videos:
@@ -410,7 +392,12 @@ class ChainedEvaluator:
                 for i in range(num_envs):
                     if not running(i):
                         continue
-                    if dones[i]:
+                    if "worker_restart" in infos[i]:  # a fresh worker runs the interrupted chain again from its start
+                        steps[i], subtask[i] = 0, 0
+                        clear(i)
+                        if i == 0:
+                            frames = []
+                    elif dones[i]:
                         c = schedules[i][done_count[i]]
                         condition, chain = self.chains[c]
                         completed = int(infos[i]["completed"])

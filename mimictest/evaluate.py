@@ -31,12 +31,11 @@ whose message is one line naming the task and the start.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import gymnasium as gym
 import imageio
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mimictest.atomic import write_json
 from mimictest.envs.vector import RestartingVecEnv, ScheduledEnv, Start, WorkerError, make_vec_env, unflatten
 from mimictest.preprocess import Preprocessor
 
@@ -116,6 +116,46 @@ class TemporalEnsembler:
         weights = np.exp(-self.coeff * np.arange(len(candidates)))
         self.chunks = [c[1:] for c in self.chunks if len(c) > 1]
         return (weights[:, None] * candidates).sum(0) / weights.sum()
+
+
+class ChunkQueues:
+    """Each worker's queued actions: open-loop chunk slices, or temporal ensembling (the module
+    docstring says how); shared by every rollout loop (``Evaluator``, ``mimictest.chained``)."""
+
+    def __init__(self, num_envs: int, exec_start: int, exec_end: int, temporal_ensemble: float | None) -> None:
+        self.window = slice(exec_start, exec_end)
+        self.ensemblers = ([TemporalEnsembler(temporal_ensemble) for _ in range(num_envs)]
+                           if temporal_ensemble is not None else None)
+        self.queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+        self.last: list[np.ndarray] = [np.empty(0)] * num_envs  # each worker's action this step
+
+    def needing(self, workers: list[int]) -> list[int]:
+        """Those of ``workers`` that need a new chunk before the next step."""
+        return [i for i in workers if self.ensemblers or not self.queues[i]]
+
+    def fill(self, predictor: Predictor, window: dict, workers: list[int]) -> None:
+        """Predict one chunk for each of ``workers`` (one batch) and queue its executed slice."""
+        chunk = predictor.chunk(window)[:, self.window]  # (n, H, model_dim)
+        if self.ensemblers:
+            for j, i in enumerate(workers):
+                self.ensemblers[i].add(chunk[j])
+        else:
+            env_chunk = predictor.to_env(chunk)  # (n, H, env_dim), mapped once per chunk
+            for j, i in enumerate(workers):
+                self.queues[i] = list(env_chunk[j])
+
+    def step(self, predictor: Predictor, workers: list[int]) -> np.ndarray:
+        """The env actions ``(num_envs, env_dim)`` of this step: the next queued one for ``workers``; the
+        others (past their schedule: the vector env steps them all) repeat their last one, unpredicted."""
+        for i in workers:
+            self.last[i] = self.ensemblers[i].pop() if self.ensemblers else self.queues[i].pop(0)
+        return predictor.to_env(np.stack(self.last)) if self.ensemblers else np.stack(self.last)
+
+    def clear(self, i: int) -> None:
+        """Drop worker ``i``'s queued actions (its episode ended, or it starts a new subtask)."""
+        self.queues[i] = []
+        if self.ensemblers:
+            self.ensemblers[i].reset()
 
 
 @dataclass(frozen=True)
@@ -287,10 +327,7 @@ class Evaluator:
         restarts = [int("worker_restart" in info) for info in venv.reset_infos]  # of each worker's current episode
         # (num_envs, T_obs, ...): the newest observation last; a reset fills the whole window.
         history = new_history(obs, self.obs_horizon)
-        queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
-        ensemblers = ([TemporalEnsembler(self.temporal_ensemble) for _ in range(num_envs)]
-                      if self.temporal_ensemble is not None else None)
-        last: list[np.ndarray] = [np.empty(0)] * num_envs  # each worker's action this step (model space if ensembling)
+        actions = ChunkQueues(num_envs, self.exec_start, self.exec_end, self.temporal_ensemble)
         steps, score_max = np.zeros(num_envs, int), np.full(num_envs, -np.inf)
         coverage_max = np.full(num_envs, -np.inf)  # PushT's raw coverage, beside its clipped score
         frames: list[np.ndarray] = []
@@ -302,25 +339,12 @@ class Evaluator:
 
         with predictor.autocast():  # open for the whole loop: weights are cast to bf16 once
             while any(running(i) for i in range(num_envs)):
-                # Workers past their schedule keep stepping (the vector env steps all) on their last action, unpredicted.
-                need = [i for i in range(num_envs) if running(i) and (ensemblers or not queues[i])]
+                active = [i for i in range(num_envs) if running(i)]
+                need = actions.needing(active)
                 if need:
                     current = [self.tasks[schedules[i][done_count[i]][0]] for i in need]
-                    window = window_of(history, need, current)
-                    chunk = predictor.chunk(window)[:, self.exec_start : self.exec_end]  # (n, H, model_dim)
-                    if ensemblers:
-                        for j, i in enumerate(need):
-                            ensemblers[i].add(chunk[j])
-                    else:
-                        env_chunk = predictor.to_env(chunk)  # (n, H, env_dim), mapped once per chunk
-                        for j, i in enumerate(need):
-                            queues[i] = list(env_chunk[j])
-                for i in range(num_envs):
-                    if running(i):
-                        last[i] = ensemblers[i].pop() if ensemblers else queues[i].pop(0)
-                # Ensembled actions are averaged in model space and mapped here, one step at a time.
-                actions = predictor.to_env(np.stack(last)) if ensemblers else np.stack(last)  # (num_envs, env_dim)
-                flat_obs, rewards, dones, infos = venv.step(actions)
+                    actions.fill(predictor, window_of(history, need, current), need)
+                flat_obs, rewards, dones, infos = venv.step(actions.step(predictor, active))
                 obs = unflatten(flat_obs)
                 steps += 1
                 score_max = np.maximum(score_max, [info.get("score", r) for info, r in zip(infos, rewards)])
@@ -350,9 +374,8 @@ class Evaluator:
                             name = f"{self.tasks[k].name}_episode{j}" if len(self.tasks) > 1 else f"rank{rank}_episode{j}"
                             _write_video(frames, video_dir, name, self.video_fps)
                             frames = []
-                    steps[i], score_max[i], coverage_max[i], queues[i] = 0, -np.inf, -np.inf, []
-                    if ensemblers:
-                        ensemblers[i].reset()
+                    steps[i], score_max[i], coverage_max[i] = 0, -np.inf, -np.inf
+                    actions.clear(i)
                     reset_history(history, obs, i)  # obs[i] is already the next episode's first observation
         bar.close()
         return records
@@ -387,13 +410,14 @@ def reset_history(history: dict, obs: dict, i: int) -> None:
             h[i] = obs[k][i]
 
 
-def window_of(history: dict, workers: list[int], tasks: list[EvalTask]) -> dict:
-    """The policy's window for ``workers``: their histories, plus each one's task id and instruction."""
+def window_of(history: dict, workers: list[int], tasks: Sequence[EvalTask] = ()) -> dict:
+    """The policy's window for ``workers``: their histories, plus each one's task id and instruction
+    from ``tasks`` (one per worker; none to leave them out)."""
     window = {k: ({cam: v[workers] for cam, v in h.items()} if isinstance(h, dict) else h[workers])
               for k, h in history.items()}
-    if tasks[0].task is not None:
+    if tasks and tasks[0].task is not None:
         window["task"] = np.array([t.task for t in tasks], dtype=np.int64)  # (n,)
-    if tasks[0].lang is not None:
+    if tasks and tasks[0].lang is not None:
         window["lang"] = [t.lang for t in tasks]
     return window
 
@@ -464,9 +488,8 @@ def format_table(summary: dict) -> str:
 
 
 def save_results(summary: dict, records: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump({"summary": summary, "episodes": records}, fh, indent=1)
+    """``{"summary", "episodes"}`` to ``path`` as JSON, atomically."""
+    write_json(path, {"summary": summary, "episodes": records})
 
 
 if __name__ == "__main__":  # python -m mimictest.evaluate POLICY_DIR --episodes 50 (mimictest.hub)
