@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 from typing import NamedTuple
 
 import torch
@@ -39,7 +38,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from mimictest.atomic import write_json
+from mimictest.atomic import write_bytes, write_text
 from mimictest.preprocess import Preprocessor
 from mimictest.recipe import decode, encode, encode_arguments
 
@@ -84,9 +83,9 @@ def save_pretrained(policy: nn.Module, preprocess: Preprocessor, out_dir: str, e
     tensors = {f"policy.{k}": _tensor(v, k) for k, v in policy.state_dict().items()}
     tensors.update((f"preprocess.{k}", _tensor(v, k)) for k, v in preprocess.state_dict().items() if k != "_extra_state")
     tensors["preprocess.lang_table"] = extra["lang_table"].float().contiguous()
-    text = json.dumps(config)  # refuse an unserialisable run config before the weights and config are written
-    _write_bytes(os.path.join(out_dir, WEIGHTS), save_tensors(tensors, metadata={"format": FORMAT}))
-    write_json(os.path.join(out_dir, CONFIG), json.loads(text))
+    text = json.dumps(config, indent=1)  # refuse an unserialisable run config before anything is written
+    write_bytes(os.path.join(out_dir, WEIGHTS), save_tensors(tensors, metadata={"format": FORMAT}))
+    write_text(os.path.join(out_dir, CONFIG), text)
     return out_dir
 
 
@@ -132,27 +131,10 @@ def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    """``data`` to ``path`` so that readers see the old file or the new one, never a part."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def evaluate_main(argv: list[str] | None = None) -> dict:
     """``python -m mimictest.evaluate POLICY_DIR --episodes 50``: the summary of a saved policy's rollouts."""
     from mimictest.config import seed_everything
-    from mimictest.evaluate import Predictor, format_table, summarize
+    from mimictest.evaluate import Predictor, format_table, save_results, summarize
 
     parser = argparse.ArgumentParser(prog="python -m mimictest.evaluate",
                                      description="Evaluate a policy saved by mimictest.hub.save_pretrained in its env.")
@@ -185,7 +167,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         evaluator.close()
     summary = summarize(records)
     out = os.path.join(args.policy_dir, "eval", f"episodes{evaluator.num_episodes}.json")
-    write_json(out, {"summary": {**summary, "execution": evaluator.execution}, "episodes": records})
+    save_results({**summary, "execution": evaluator.execution}, records, out)
     print(format_table(summary))
     print(f"episodes written to {out}")
     return summary

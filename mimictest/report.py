@@ -30,11 +30,11 @@ import os
 import platform
 import re
 import sys
-import tempfile
 
 import numpy as np
 import torch
 
+from mimictest.atomic import write_text
 from mimictest.precision import cpu_model
 
 REPORT_NAME = "report.html"
@@ -54,7 +54,7 @@ def write_report(run_dir: str) -> str:
                                 "folder that mimictest.train wrote?")
     page = render(run)
     path = os.path.join(run_dir, REPORT_NAME)
-    _write_text(path, page)
+    write_text(path, page)
     return path
 
 
@@ -396,25 +396,6 @@ def _read_jsonl(path: str) -> list[dict]:
             if i != len(lines) - 1:
                 raise ValueError(f"{path!r} line {i + 1} is not JSON: {line[:80]!r}") from None
     return rows
-
-
-def _write_text(path: str, text: str) -> None:
-    """``text`` to ``path`` through a temporary file in the same folder, fsynced, then renamed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; publish with the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -170,7 +170,7 @@ def train(policy: nn.Module, preprocess: Preprocessor, dataset: Dataset, cfg: Tr
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if device.type == "cpu":
         configure_cpu(world)
-    set_seed(cfg.seed + rank)
+    seed_everything(cfg.seed + rank)
     run_dir = os.path.join(cfg.save_root, cfg.run_name)
     ckpt_path = os.path.join(run_dir, "last.pt")
     run_config = {"script": script_name(), "constants": script_constants(), "train": _plain_config(cfg)}

@@ -27,11 +27,11 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from mimictest.atomic import atomic_path
 from mimictest.data.windows import WindowDataset
 
 FORMATS = ("robomimic", "pusht", "aloha", "metaworld", "lerobot", "calvin")
@@ -290,24 +290,15 @@ def render(episode: Episode, out: str, height: int | None = None, fps: float | N
     frame = np.full((total + total % 2, width, 3), 255, dtype=np.uint8)  # (H, W, 3)
     frame[:HEADER_HEIGHT] = header
     below = frame[HEADER_HEIGHT + height:HEADER_HEIGHT + height + plots.shape[0]]
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".mp4")
-    os.close(fd)
-    try:
-        with imageio.get_writer(tmp, format="FFMPEG", fps=fps or episode.fps, macro_block_size=1) as writer:
-            for t in range(len(episode)):
-                for name, (h, w) in sizes.items():
-                    frame[HEADER_HEIGHT:HEADER_HEIGHT + h, lefts[name]:lefts[name] + w] = _resize(cams[name][t], (h, w))
-                below[:] = plots
-                for top, bottom in spans:
-                    below[top:bottom, max(columns[t] - 1, 0):columns[t] + 1] = CURSOR
-                writer.append_data(frame)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(out, suffix=".mp4") as tmp, \
+            imageio.get_writer(tmp, format="FFMPEG", fps=fps or episode.fps, macro_block_size=1) as writer:
+        for t in range(len(episode)):
+            for name, (h, w) in sizes.items():
+                frame[HEADER_HEIGHT:HEADER_HEIGHT + h, lefts[name]:lefts[name] + w] = _resize(cams[name][t], (h, w))
+            below[:] = plots
+            for top, bottom in spans:
+                below[top:bottom, max(columns[t] - 1, 0):columns[t] + 1] = CURSOR
+            writer.append_data(frame)
     return len(episode)
 
 

@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from mimictest.atomic import write_json
+
 Stats = dict[str, list[float]]
 
 
@@ -53,11 +55,8 @@ def cached_stats(path: str, keys: list[str], compute: Callable[[str], Stats]) ->
     for key in todo:
         cache["keys"][key] = compute(key)
     if todo:
-        tmp = f"{cache_path}.tmp{os.getpid()}"
         try:
-            with open(tmp, "w") as fh:
-                json.dump(cache, fh)
-            os.replace(tmp, cache_path)
+            write_json(cache_path, cache, indent=None)
         except OSError as err:
             warnings.warn(f"could not cache dataset statistics beside {path!r} ({err}); they are recomputed each run")
     return {k: cache["keys"][k] for k in keys}
