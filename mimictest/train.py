@@ -279,6 +279,9 @@ def train(policy: nn.Module, preprocess: Preprocessor, dataset: Dataset, cfg: Tr
                 guard.check()
             if last and step < cfg.max_steps:
                 log.print(f"stopping at step {step}: max_minutes={cfg.max_minutes} of training reached")
+                if cfg.lr_schedule == "cosine":
+                    log.print(f"the cosine LR had decayed only to {lr_factor(step, cfg):.2f} x lr (it reaches 0 at "
+                              f"max_steps={cfg.max_steps}); for the full decay on this machine, set MAX_STEPS to about {step}")
             if due_log:
                 elapsed = time.perf_counter() - window_start
                 good = accelerator.reduce(window_good, reduction="sum").item()

@@ -198,7 +198,8 @@ def tiny_setup(demos):
     return DiffusionPolicy(ObsEncoder([], dataset.low_dim_dim), net, 10, 8), preprocess, dataset
 
 
-def test_max_minutes_stops_and_saves(demos, tmp_path):
+def test_max_minutes_stops_and_saves(demos, tmp_path, capsys):
+    """Time stops the run at the first logged step; a cosine run says how far its LR had decayed."""
     from mimictest.train import TrainConfig, train
 
     policy, preprocess, dataset = tiny_setup(demos)
@@ -206,6 +207,8 @@ def test_max_minutes_stops_and_saves(demos, tmp_path):
                       save_every=0, save_root=str(tmp_path), **ALGORITHM)
     train(policy, preprocess, dataset, cfg)
     assert checkpoint.load(str(tmp_path / "timed" / "last.pt"))["step"] == 3
+    out = capsys.readouterr().out
+    assert "the cosine LR had decayed only to 1.00 x lr" in out and "set MAX_STEPS to about 3" in out
 
 
 def test_nonfinite_loss_stops_before_saving_or_is_skipped(demos, tmp_path):
