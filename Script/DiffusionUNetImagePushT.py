@@ -7,7 +7,7 @@ DDPM with 100 steps, AdamW lr 1e-4, 300-step evaluation episodes, and a UNet wit
 (512, 1024, 2048) trained with batch 64 for 3050 epochs on a GPU. The defaults below are sized to
 finish in about an hour on a 2-core CPU instead, where the ResNet-18 bounds the training length
 and the sampler the evaluation time: a small UNet, batch 32, bf16 with channels-last weights
-(0.40 s per step of 32 samples on this CPU, 0.63 s in fp32), up to 10000 steps, DDIM with 10 steps.
+(0.40 s per step of 32 samples on this CPU, 0.63 s in fp32), 5000 steps, DDIM with 10 steps.
 Measured on one core of this CPU (docs/benchmarks.md): 60 minutes reach 5400 steps, 0% success and
 a mean max coverage of 0.20 over 50 episodes; for a useful PushT policy on a CPU, use
 DiffusionUNetLowdimPushT.py. On a GPU, restore the paper's DOWN_DIMS, BATCH_SIZE, sampler and a
@@ -58,8 +58,8 @@ BETAS = (0.95, 0.999)  # Diffusion Policy's AdamW betas
 LR_SCHEDULE = "cosine"  # Diffusion Policy: cosine decay after the warmup
 GRAD_CLIP = 0.0  # Diffusion Policy: no clipping
 EMA = True  # Diffusion Policy: EMA weights for evaluation
-MAX_STEPS = 10000
-MAX_MINUTES = 60  # stop training after an hour even if MAX_STEPS is not reached (None: no limit)
+MAX_STEPS = 5000  # the cosine decays to 0 here; 5400 steps took 60 minutes on one Zen 5 core
+MAX_MINUTES = 60  # a guard: stop training after an hour even if MAX_STEPS is not reached (None: no limit)
 BF16 = "auto"  # bf16 autocast where measured faster (GPUs; CPUs with AMX or AVX512-BF16)
 CHANNELS_LAST = True  # with BF16, 2x faster ResNet-18 steps on an AMX CPU
 # Evaluation
