@@ -28,7 +28,7 @@ from functools import partial
 from accelerate import PartialState
 
 from mimictest.chained import ChainedEvaluator, report
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data.calvin import CalvinDataset, convert_demos
 from mimictest.demos import ensure_demos
 from mimictest.demos.calvin import EXPERT_TASKS, generate_calvin_demos
@@ -80,6 +80,7 @@ EVAL_EVERY = 0  # 0: only after training
 EVAL_CHECKPOINTS = None  # "all" or [steps]: evaluate the kept Save/<RUN_NAME>/checkpoints/step<N>.pt, no training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "DiffusionUNetImageCalvin"
+apply_overrides(globals())  # e.g. accelerate launch Script/DiffusionUNetImageCalvin.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 ensure_demos(RAW_PATH, generate_calvin_demos, episodes=NUM_DEMO_EPISODES, text_encoder=TEXT_ENCODER)

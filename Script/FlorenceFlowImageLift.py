@@ -23,7 +23,7 @@ Script/FlorenceDiTImageLift.py is the same experiment with the DiT diffusion hea
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.lift import generate_lift_demos
@@ -70,6 +70,7 @@ EVAL_EVERY = 0  # 0: only after training
 EVAL_ONLY = False  # True: only evaluate Save/<RUN_NAME>/last.pt
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "FlorenceFlowImageLift"
+apply_overrides(globals())  # e.g. accelerate launch Script/FlorenceFlowImageLift.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_lift_demos, episodes=NUM_DEMOS, image=True)

@@ -23,7 +23,7 @@ on a GPU, set FLORENCE_PATH (the vision tower then stays frozen) and raise BATCH
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data.metaworld import MetaWorldDataset
 from mimictest.demos import ensure_demos
 from mimictest.demos.metaworld import generate_metaworld_demos
@@ -72,6 +72,7 @@ MAX_EPISODE_STEPS = 200  # MetaWorld: 500 (max_path_length); the scripted expert
 EVAL_EVERY = 0  # 0: only after training
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "FlorenceFlowImageMetaWorldMT10"
+apply_overrides(globals())  # e.g. accelerate launch Script/FlorenceFlowImageMetaWorldMT10.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 ensure_demos(DATASET_PATH, generate_metaworld_demos, tasks=TASKS, episodes_per_task=NUM_DEMOS_PER_TASK, cams=CAMS,

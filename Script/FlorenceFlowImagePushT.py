@@ -24,7 +24,7 @@ set DATASET_PATH = "Datasets/pusht/pusht_cchi_v7_replay.zarr". Sized for one GPU
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.pusht import HOW_TO_GET, PushTDataset
 from mimictest.demos import ensure_demos
@@ -71,6 +71,7 @@ EVAL_EVERY = 25000
 SUCCESS_LAST_K = 3  # success pooled over the last K evaluations (mimictest: 3 x 96 rollouts)
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "FlorenceFlowImagePushT"
+apply_overrides(globals())  # e.g. accelerate launch Script/FlorenceFlowImagePushT.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 if DATASET_PATH:

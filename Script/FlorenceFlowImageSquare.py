@@ -25,7 +25,7 @@ Sized for one GPU:
 
 from functools import partial
 
-from mimictest.config import seed_everything
+from mimictest.config import apply_overrides, seed_everything
 from mimictest.data import require_dataset
 from mimictest.data.robomimic import RobomimicDataset
 from mimictest.envs.robosuite import RobosuiteEnv
@@ -70,6 +70,7 @@ EVAL_EVERY = 25000
 SUCCESS_LAST_K = 3  # success pooled over the last K evaluations (mimictest: 3 x 96 rollouts)
 SEED = 0  # networks' initialisation, data order, training noise
 RUN_NAME = "FlorenceFlowImageSquare"
+apply_overrides(globals())  # e.g. accelerate launch Script/FlorenceFlowImageSquare.py --MAX_STEPS=2000
 
 seed_everything(SEED)
 require_dataset(DATASET_PATH, "Get square/ph/image_abs.hdf5 from the Diffusion Policy data release (robomimic_image.zip), "
