@@ -35,8 +35,10 @@ import torch
 import torchvision  # noqa: F401  (before dm_control's EGL context: importing it afterwards segfaults)
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from mimictest.atomic import write_text
 from mimictest.cpu import configure_cpu
 from mimictest.data.prefetcher import Prefetcher, endless, map_tensors
+from mimictest.precision import cpu_measurement, cpu_model
 from mimictest.preprocess import ActionSpace, Preprocessor
 
 
@@ -217,10 +219,11 @@ def _sync(device: torch.device) -> None:
 
 def time_training(cfg: BenchConfig, device: torch.device, bf16: bool, steps: int, warmup: int,
                   compile_: bool = False, channels_last: bool = False, workers: int = 2,
-                  dataset: Dataset | None = None) -> dict:
+                  dataset: Dataset | None = None, profile: bool = False) -> dict:
     """Median seconds per optimizer step (data, preprocessing, loss, backward, AdamW) and more.
 
-    ``dataset``: real windows with the configuration's shapes (and ``stats``) instead of synthetic ones."""
+    ``dataset``: real windows with the configuration's shapes (and ``stats``) instead of synthetic ones.
+    ``profile``: also the step's split into phases and modules, and its GEMM rate (``step_profile``)."""
     torch.manual_seed(0)
     if device.type == "cpu":
         configure_cpu()  # as train() does
@@ -237,25 +240,101 @@ def time_training(cfg: BenchConfig, device: torch.device, bf16: bool, steps: int
     batches = Prefetcher(endless(loader), device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     times, waits = [], []
+    phases = {name: 0.0 for name in PHASES}
+    prof = (torch.profiler.profile(with_flops=True, record_shapes=True) if profile else contextlib.nullcontext())
+    hooks = _module_ranges(policy) if profile else []
     for i in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
+        if i == warmup:
+            prof.__enter__()
+        marks = [time.perf_counter()]
         batch = preprocess(next(batches), train=True)
+        _sync(device)
+        marks.append(time.perf_counter())
         with autocast:
             loss = model(batch)["total_loss"]
+        _sync(device)
+        marks.append(time.perf_counter())
         loss.backward()
+        _sync(device)
+        marks.append(time.perf_counter())
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
+        marks.append(time.perf_counter())
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(marks[-1] - marks[0])
             waits.append(batches.pop_wait())
+            for name, a, b in zip(PHASES, marks, marks[1:]):
+                phases[name] += b - a
         else:
             batches.pop_wait()
     median = statistics.median(times)
-    return {"s_per_step": median, "samples_per_s": cfg.batch / median,
-            "data_wait_frac": sum(waits) / sum(times), "peak_mem_mb": _peak_memory_mb(device),
-            "params_M": sum(p.numel() for p in policy.parameters()) / 1e6, "final_loss": loss.item()}
+    result = {"s_per_step": median, "samples_per_s": cfg.batch / median,
+              "data_wait_frac": sum(waits) / sum(times), "peak_mem_mb": _peak_memory_mb(device),
+              "params_M": sum(p.numel() for p in policy.parameters()) / 1e6, "final_loss": loss.item()}
+    if profile:
+        prof.__exit__(None, None, None)
+        for hook in hooks:
+            hook.remove()
+        result["profile"] = step_profile(prof, phases, sum(times), steps)
+    return result
+
+
+PHASES = ("data + preprocess", "forward", "backward", "optimizer")
+_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution", "aten::_convolution",
+             "aten::mkldnn_convolution", "aten::convolution_backward")
+
+
+def _module_ranges(policy: torch.nn.Module) -> list:
+    """Name each direct child's (and grandchild's) forward in the profile: ``module: obs_encoder.rgb``."""
+    handles = []
+    for name, module in policy.named_modules():
+        if name and name.count(".") <= 1:
+            ranges: list = []
+
+            def enter(_m, _args, label=f"module: {name}", ranges=ranges):
+                ranges.append(torch.profiler.record_function(label))
+                ranges[-1].__enter__()
+
+            def leave(_m, _args, _out, ranges=ranges):
+                ranges.pop().__exit__(None, None, None)
+
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def step_profile(prof, phases: dict[str, float], total: float, steps: int) -> dict:
+    """Where a training step's time goes: phases, forward time per module, the top ops, and the GEMM rate.
+
+    The GEMM rate is the FLOPs the profiler counts for matmul and convolution ops over their own time,
+    beside this CPU's 1024^3 fp32 matmul rate (``precision.measure_cpu``) as the reachable ceiling.
+    """
+    events = prof.key_averages()
+    per_step = 1e3 * steps  # profiler microseconds over all steps -> ms per step
+    modules = sorted(((e.key.removeprefix("module: "), e.cpu_time_total / per_step) for e in events
+                      if e.key.startswith("module: ")), key=lambda kv: -kv[1])
+    ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
+    gemm = [e for e in events if e.key in _GEMM_OPS]
+    gemm_us, gemm_flops = sum(e.self_cpu_time_total for e in gemm), sum(e.flops for e in gemm)
+    return {"phases_ms": {k: 1e3 * v / steps for k, v in phases.items()}, "step_ms": 1e3 * total / steps,
+            "forward_modules_ms": dict(modules[:12]),
+            "top_ops_ms": {e.key: e.self_cpu_time_total / per_step for e in ops[:10]},
+            "gemm_ms": gemm_us / per_step, "gemm_gflops": gemm_flops / max(gemm_us, 1) / 1e3,
+            "fp32_matmul_gflops": cpu_measurement()["fp32_gflops"]}
+
+
+def print_profile(name: str, precision: str, p: dict) -> None:
+    """The tables of ``step_profile``."""
+    step = p["step_ms"]
+    print(f"\n{name} {precision}: {step:.0f} ms per step")
+    print(_table([{"part": k, "ms": v, "share": v / step} for k, v in p["phases_ms"].items()],
+                 [("part", "phase", "s"), ("ms", "ms/step", ".0f"), ("share", "share", ".0%")]))
+    print(_table([{"part": k, "ms": v, "share": v / step} for k, v in p["forward_modules_ms"].items()],
+                 [("part", "module (forward only)", "s"), ("ms", "ms/step", ".0f"), ("share", "of step", ".0%")]))
+    print(_table([{"part": k, "ms": v, "share": v / step} for k, v in p["top_ops_ms"].items()],
+                 [("part", "op (forward + backward)", "s"), ("ms", "self ms/step", ".0f"), ("share", "of step", ".0%")]))
+    print(f"matmul + convolution: {p['gemm_ms']:.0f} ms/step ({p['gemm_ms'] / step:.0%}), {p['gemm_gflops']:.1f} GFLOP/s "
+          f"where counted, against {p['fp32_matmul_gflops']:.1f} GFLOP/s for a 1024^3 fp32 matmul on this CPU")
 
 
 _PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "peers")  # beside the checkout
@@ -273,21 +352,26 @@ def lerobot_python() -> str | None:
     return out.stdout.strip().splitlines()[-1]
 
 
-def time_lerobot(python: str, cfg: BenchConfig, device: torch.device, bf16: bool, steps: int, warmup: int) -> dict:
-    """Run the peer's bench_train.py on the same shapes; its JSON line."""
+def time_lerobot(python: str, cfg: BenchConfig, device: torch.device, bf16: bool, steps: int, warmup: int,
+                 fused: bool = False) -> dict:
+    """Run the peer's bench_train.py on the same shapes (height and width); its JSON line.
+
+    ``fused``: LeRobot with fused AdamW, a one-flag tuning that is not its default (ours is fused)."""
     script = os.path.join(_PEERS, "lerobot", "bench_train.py")
     args = [python, script, "--policy", "diffusion" if cfg.policy.startswith("diffusion") else "act",
             "--cams", str(len(cfg.cams)), "--state-dim", str(cfg.low_dim), "--action-dim", str(cfg.env_action),
             "--n-obs", str(cfg.obs_horizon), "--horizon", str(cfg.chunk), "--batch", str(cfg.batch),
             "--steps", str(steps), "--warmup", str(warmup), "--device", device.type]
     if cfg.image:
-        args += ["--image", str(cfg.image[0])]
+        args += ["--image", str(cfg.image[0]), "--image-width", str(cfg.image[1])]
     if cfg.crop:
         args += ["--crop", str(cfg.crop[0])]
     if "down_dims" in cfg.net:
         args += ["--down-dims", *map(str, cfg.net["down_dims"])]
     if bf16:
         args.append("--amp")
+    if fused:
+        args.append("--fused")
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     out = subprocess.run(args, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -314,19 +398,29 @@ def lerobot_windows(path: str, cfg: BenchConfig) -> tuple[Dataset, dict]:
     return dataset, {"decode_fps": dataset.decoded_frames / dataset.decode_seconds, "frames": dataset.decoded_frames}
 
 
+def machine_line(device: torch.device) -> str:
+    """What the timings ran on: the CPU model, its matmul-relevant flags, threads, torch (and the GPU)."""
+    name, flags = cpu_model()
+    line = f"{name} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return line + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+
+
 def cmd_train(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
+    print(machine_line(device), flush=True)
     rows = []
     for name in args.config:
         cfg = CONFIGS[name] if args.batch is None else replace(CONFIGS[name], batch=args.batch)
         dataset, decoding = lerobot_windows(args.lerobot, cfg) if args.lerobot else (None, {})
         for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
             result = time_training(cfg, device, precision == "bf16", args.steps, args.warmup, args.compile,
-                                   args.channels_last, args.workers, dataset)
+                                   args.channels_last, args.workers, dataset, args.profile)
             rows.append({"who": "mimictest", "config": name, "device": device.type, "precision": precision,
                          "batch": cfg.batch, "data": "lerobot" if dataset is not None else "synthetic", **decoding,
                          **result})
             print(_table(rows[-1:], TRAIN_COLUMNS).splitlines()[-1] if len(rows) > 1 else _table(rows, TRAIN_COLUMNS), flush=True)
+            if args.profile:
+                print_profile(name, precision, result["profile"])
     if args.vs_lerobot:
         python = lerobot_python()
         if python is None:
@@ -334,20 +428,37 @@ def cmd_train(args: argparse.Namespace) -> list[dict]:
         for name in args.config:
             cfg = CONFIGS[name] if args.batch is None else replace(CONFIGS[name], batch=args.batch)
             for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
-                peer = time_lerobot(python, cfg, device, precision == "bf16", args.steps, args.warmup)
-                rows.append({"who": "lerobot-0.6.1", "config": name, "device": device.type, "precision": precision,
-                             "batch": cfg.batch, "s_per_step": peer["s_per_step_median"],
-                             "samples_per_s": peer["samples_per_s"], "params_M": peer["params_M"],
-                             "final_loss": peer["final_loss"]})
-    print("\n" + _table(rows, TRAIN_COLUMNS))
+                for who, fused in (("lerobot-0.6.1", False), ("lerobot-0.6.1+fused", True)):
+                    peer = time_lerobot(python, cfg, device, precision == "bf16", args.steps, args.warmup, fused)
+                    rows.append({"who": who, "config": name, "device": device.type, "precision": precision,
+                                 "batch": cfg.batch, "s_per_step": peer["s_per_step_median"],
+                                 "samples_per_s": peer["samples_per_s"], "params_M": peer["params_M"],
+                                 "final_loss": peer["final_loss"]})
+                    print(_table(rows[-1:], TRAIN_COLUMNS).splitlines()[-1], flush=True)
+    print("\n" + machine_line(device) + "\n" + _table(rows, TRAIN_COLUMNS))
     if args.vs_lerobot:
-        for name in args.config:
-            ours = max((r for r in rows if r["config"] == name and r["who"] == "mimictest"), key=lambda r: r["samples_per_s"])
-            peer = max((r for r in rows if r["config"] == name and r["who"] != "mimictest"), key=lambda r: r["samples_per_s"])
-            ratio = ours["samples_per_s"] / peer["samples_per_s"]
-            print(f"{name}: mimictest {ours['samples_per_s']:.2f} samples/s ({ours['precision']}) vs LeRobot "
-                  f"{peer['samples_per_s']:.2f} samples/s ({peer['precision']}): {ratio:.2f}x, best precision of each")
+        for line in speedups(rows):
+            print(line)
     return rows
+
+
+def speedups(rows: list[dict]) -> list[str]:
+    """Ours over each LeRobot row at equal precision, and the best precision of each side."""
+    lines = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        mine = {r["precision"]: r for r in rows if r["config"] == name and r["who"] == "mimictest"}
+        peers = [r for r in rows if r["config"] == name and r["who"] != "mimictest"]
+        for peer in peers:
+            if peer["precision"] in mine:
+                ratio = mine[peer["precision"]]["samples_per_s"] / peer["samples_per_s"]
+                lines.append(f"{name} {peer['precision']}: mimictest / {peer['who']} = {ratio:.2f}x")
+        for who in dict.fromkeys(p["who"] for p in peers):
+            ours = max(mine.values(), key=lambda r: r["samples_per_s"])
+            theirs = max((p for p in peers if p["who"] == who), key=lambda r: r["samples_per_s"])
+            lines.append(f"{name} best of each: mimictest {ours['precision']} {ours['samples_per_s']:.2f} samples/s / "
+                         f"{who} {theirs['precision']} {theirs['samples_per_s']:.2f} = "
+                         f"{ours['samples_per_s'] / theirs['samples_per_s']:.2f}x")
+    return lines
 
 
 TRAIN_COLUMNS = [("who", "who", "s"), ("config", "config", "s"), ("device", "device", "s"), ("precision", "precision", "s"),
@@ -592,6 +703,16 @@ ENV_COLUMNS = [("env", "env", "s"), ("workers", "workers", "d"), ("mode", "mode"
                ("policy_frac", "policy compute", ".0%"), ("vs_alone_outside_policy", "vs alone, outside policy compute", ".0%")]
 
 
+def _commit() -> str:
+    """The checkout's commit, with ``+changes`` when its tracked files differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = partial(subprocess.run, cwd=root, capture_output=True, text=True)
+    head = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+    if not head:
+        return "unknown (not a git checkout)"
+    return head + ("+changes" if run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mimictest.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -606,7 +727,10 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     train.add_argument("--compile", action="store_true")
     train.add_argument("--channels-last", action="store_true")
-    train.add_argument("--vs-lerobot", action="store_true", help="also time LeRobot 0.6.1 on the same shapes")
+    train.add_argument("--vs-lerobot", action="store_true",
+                       help="also time LeRobot 0.6.1 on the same shapes, as it ships and with fused AdamW")
+    train.add_argument("--profile", action="store_true",
+                       help="also where each step's time goes: phases, modules, top ops, GEMM rate (adds overhead)")
     train.add_argument("--lerobot", metavar="PATH", help="train on this LeRobotDataset folder instead of synthetic data")
     decode = sub.add_parser("decode", help="video decode rate of a LeRobotDataset folder, per decoder")
     decode.add_argument("path", help="a LeRobotDataset folder with video features")
@@ -631,9 +755,10 @@ def main(argv: list[str] | None = None) -> None:
     envs.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
     rows = {"train": cmd_train, "infer": cmd_infer, "envs": cmd_envs, "decode": cmd_decode}[args.cmd](args)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"command": sys.argv, "threads": torch.get_num_threads(), "rows": rows}, fh, indent=1, default=str)
+    if args.json:  # rows may hold numpy scalars and paths: default=str
+        write_text(args.json, json.dumps({"command": sys.argv, "machine": machine_line(torch.device(args.device)),
+                                          "commit": _commit(), "threads": torch.get_num_threads(), "rows": rows},
+                                         indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,34 @@ def test_bench_train_infer_envs_write_tables(tmp_path, capsys):
     assert rows[1]["exec"] == 8, "Diffusion Policy executes 8 actions of each chunk"
 
 
+def test_bench_train_profile_splits_the_step(tmp_path, capsys):
+    """--profile: the phases add up to the step, the forward is split by module, and the GEMM rate is counted."""
+    out = tmp_path / "profile.json"
+    bench.main(["--device", "cpu", "--json", str(out), "train", "--config", "dp-lift-lowdim", "--batch", "8",
+                "--precision", "fp32", "--steps", "2", "--warmup", "1", "--workers", "0", "--profile"])
+    saved = json.load(open(out))
+    assert saved["commit"] and saved["machine"].split(" (")[0] == bench.cpu_model()[0]
+    profile = saved["rows"][0]["profile"]
+    assert set(profile["phases_ms"]) == set(bench.PHASES)
+    assert abs(sum(profile["phases_ms"].values()) - profile["step_ms"]) < 0.01 * profile["step_ms"]
+    assert {"obs_encoder", "noise_net"} <= set(profile["forward_modules_ms"])
+    assert profile["gemm_ms"] > 0 and profile["gemm_gflops"] > 0
+    printed = capsys.readouterr().out
+    assert "module (forward only)" in printed and "GFLOP/s for a 1024^3 fp32 matmul" in printed
+
+
+def test_speedups_compare_equal_precision_and_best_of_each():
+    rows = [{"who": "mimictest", "config": "c", "precision": "fp32", "samples_per_s": 6.0},
+            {"who": "mimictest", "config": "c", "precision": "bf16", "samples_per_s": 0.1},
+            {"who": "lerobot-0.6.1", "config": "c", "precision": "fp32", "samples_per_s": 3.0},
+            {"who": "lerobot-0.6.1+fused", "config": "c", "precision": "fp32", "samples_per_s": 4.0}]
+    assert bench.speedups(rows) == [
+        "c fp32: mimictest / lerobot-0.6.1 = 2.00x",
+        "c fp32: mimictest / lerobot-0.6.1+fused = 1.50x",
+        "c best of each: mimictest fp32 6.00 samples/s / lerobot-0.6.1 fp32 3.00 = 2.00x",
+        "c best of each: mimictest fp32 6.00 samples/s / lerobot-0.6.1+fused fp32 4.00 = 1.50x"]
+
+
 def test_bench_camera_configs_name_the_data_cameras(tmp_path):
     """Image configurations: synthetic items, the policy and the env all use the same camera names."""
     from mimictest.data.pusht import CAMERA
