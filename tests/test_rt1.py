@@ -111,6 +111,18 @@ def test_both_heads_train_and_predict(condition: str, cams: tuple, shared: bool)
             assert out.abs().max() < 1.0, "bin centres lie inside [-1, 1]"
 
 
+def test_cameras_of_different_sizes() -> None:
+    """CALVIN's static and gripper cameras differ in size (Script/RT1ImageCalvin.py): each gives its tokens."""
+    torch.manual_seed(0)
+    batch = random_batch(2, ("static",), image=64)
+    batch["rgb"]["gripper"] = torch.rand(2, T, 3, IMAGE, IMAGE) * 2 - 1
+    for shared in (True, False):
+        policy = RegressionPolicy(tiny_rt1(("static", "gripper"), shared_backbone=shared, lang_dim=LANG), loss="l1")
+        policy(batch)["total_loss"].backward()
+        policy.eval()
+        assert policy.predict({k: v for k, v in batch.items() if k not in ("action", "is_pad")}).shape == (2, CHUNK, A)
+
+
 def test_bins_round_trip_within_half_a_bin_and_decode() -> None:
     bins = 256
     values = torch.cat((torch.linspace(-1, 1, 10001), torch.tensor([-1.0, 1.0, 2 / bins - 1, 1 - 2 / bins])))
