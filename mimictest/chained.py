@@ -341,7 +341,8 @@ class ChainedEvaluator:
         if self._venv is None or self._venv_key != key:
             self.close()
             fns = [partial(ScheduledEnv, [partial(self.make_env, render_video=videos and w == 0)],
-                           [(0, {"condition": self.chains[c][0], "tasks": list(self.chains[c][1])}) for c in schedule])
+                           [(0, {"condition": self.chains[c][0], "tasks": list(self.chains[c][1])}) for c in schedule],
+                           video_episodes=self.num_videos)
                    for w, schedule in enumerate(schedules)]
             self._venv = make_vec_env(fns, subprocess=num_envs > 1)
             self._venv_key = key

@@ -287,7 +287,8 @@ class Evaluator:
         if self._venv is None or self._venv_key != key:
             self.close()
             fns = [partial(ScheduledEnv, [partial(t.make_env, render_video=videos and w == 0) for t in self.tasks],
-                           [(k, start) for k, _, start in schedule]) for w, schedule in enumerate(schedules)]
+                           [(k, start) for k, _, start in schedule], video_episodes=self.num_videos)
+                   for w, schedule in enumerate(schedules)]
             try:
                 self._venv = make_vec_env(fns, timeout_s=self.step_timeout_s, max_failures=self.max_worker_failures)
             except WorkerError as e:

@@ -190,6 +190,23 @@ def test_env_in_forked_workers():
         venv.close()
 
 
+def test_worker_renders_only_its_video_episodes():
+    """A worker made with render_video renders frames in its first video_episodes episodes only, again after a rewind."""
+    env = ScheduledEnv([partial(PushTEnv, "keypoint", max_episode_steps=2, render_video=True)],
+                       [(0, 100_000 + i) for i in range(3)], video_episodes=2)
+    try:
+        framed = []
+        for _ in range(3):
+            env.reset()
+            framed.append("frame" in env.step(GOAL_POSE[:2])[4])
+        env.rewind()
+        env.reset()
+        framed.append("frame" in env.step(GOAL_POSE[:2])[4])
+        assert framed == [True, True, False, True]
+    finally:
+        env.close()
+
+
 def test_bad_datasets_raise_clear_errors(expert_zarr, tmp_path):
     path = expert_zarr[0]
     with pytest.raises(FileNotFoundError, match="mimictest.demos pusht"):

@@ -64,13 +64,17 @@ class ScheduledEnv(gym.Env):
         makers: ``makers[task]() -> gym.Env``, one per task; all tasks' envs must share their
             observation and action spaces.
         schedule: the worker's episodes, as indices into ``makers`` and starts.
+        video_episodes: with envs made with ``render_video=True``, render frames only in the first
+            this many episodes of the schedule (``None``: in all); the rest skip the render.
     """
 
-    def __init__(self, makers: list[Callable[[], gym.Env]], schedule: list[tuple[int, Start]]) -> None:
+    def __init__(self, makers: list[Callable[[], gym.Env]], schedule: list[tuple[int, Start]],
+                 video_episodes: int | None = None) -> None:
         if not schedule:
             raise ValueError("a ScheduledEnv needs at least one episode in its schedule")
-        self.makers, self.schedule = makers, schedule
+        self.makers, self.schedule, self.video_episodes = makers, schedule, video_episodes
         self.envs: dict[int, gym.Env] = {}
+        self.renders: dict[int, bool] = {}  # each task env's render_video as made
         self.next_episode = 0
         self.task = schedule[0][0]
         first = self._env(self.task)
@@ -88,6 +92,8 @@ class ScheduledEnv(gym.Env):
                         f"{reference.observation_space}); one Evaluator runs tasks with identical observations and actions"
                     )
             self.envs[task] = env
+            if hasattr(env, "render_video"):
+                self.renders[task] = env.render_video
         return self.envs[task]
 
     def rewind(self) -> None:
@@ -100,8 +106,10 @@ class ScheduledEnv(gym.Env):
         if options is not None and "episode" in options:
             self.next_episode = options["episode"]
         self.task, start = self.schedule[min(self.next_episode, len(self.schedule) - 1)]
-        self.next_episode += 1
         env = self._env(self.task)
+        if self.video_episodes is not None and self.task in self.renders:
+            env.render_video = self.renders[self.task] and self.next_episode < self.video_episodes
+        self.next_episode += 1
         obs, info = env.reset(seed=start) if isinstance(start, int) else env.reset(options=start)
         return flatten(obs), info
 
