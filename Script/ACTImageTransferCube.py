@@ -10,10 +10,11 @@ steps of 8 samples), evaluated with temporal ensembling (coefficient 0.01) over 
 The defaults below train on a 2-core CPU, with ACT's value beside every one that differs: images
 rendered at 120x160 (a 4x5 token map), a narrower transformer, and training stopped after
 MAX_MINUTES. The ResNet is trained from scratch (no pretrained weights are downloaded), with
-GroupNorm, so the learning rate is higher than ACT's. A training step takes about 0.4 s on one
-CPU core in bf16 + channels-last; ACT's full configuration takes about 1.4 s a step on both
-cores. Measured on one core (docs/benchmarks.md): an hour of training (7900 steps) gave 98%
-success over 50 episodes, with temporal ensembling and with plain chunks alike.
+GroupNorm, so the learning rate is higher than ACT's. A training step takes about 0.35 s on one
+Zen 5 core in bf16 + channels-last and 1.2 s on an AVX2-only Zen 2 core in fp32 (what
+BF16 = "auto" picks there). Measured on one core over 50 episodes (docs/benchmarks.md): an hour
+of training gave 96-98% on Zen 5 (7900-10000 steps, min-max normalisation) and 26% on Zen 2
+(3000 steps, ACT's mean/std); the two differ in both, and were not separated.
 With no episodes at DATASET_PATH, ACT's scripted expert records them at IMAGE_SIZE. On a GPU,
 restore ACT's values and run:
     accelerate launch Script/ACTImageTransferCube.py
