@@ -12,6 +12,7 @@ length printed at the end.
     accelerate launch Script/ACTImageCalvin.py
 """
 
+import os
 from functools import partial
 
 from accelerate import PartialState
@@ -103,4 +104,4 @@ train(policy, preprocess, dataset, TrainConfig(
     eval_checkpoints=EVAL_CHECKPOINTS, eval_only=EVAL_ONLY, seed=SEED,
 ), evaluator, param_groups=policy.param_groups(LR_BACKBONE))
 if PartialState().is_main_process:
-    report(f"Save/{RUN_NAME}")  # CALVIN's table: success after 1..5 subtasks, average length, per task
+    report(os.path.join("Save", RUN_NAME))  # CALVIN's table: success after 1..5 subtasks, average length, per task

@@ -23,6 +23,7 @@ after MAX_MINUTES. For a GPU run, restore the values in the comments:
     accelerate launch Script/DiffusionUNetImageCalvin.py
 """
 
+import os
 from functools import partial
 
 from accelerate import PartialState
@@ -109,4 +110,4 @@ train(policy, preprocess, dataset, TrainConfig(
     eval_checkpoints=EVAL_CHECKPOINTS, seed=SEED,
 ), evaluator)
 if PartialState().is_main_process:
-    report(f"Save/{RUN_NAME}")  # CALVIN's table: success after 1..5 subtasks, average length, per task
+    report(os.path.join("Save", RUN_NAME))  # CALVIN's table: success after 1..5 subtasks, average length, per task

@@ -16,6 +16,7 @@ RT-1's values are beside the ones changed for a 2-core CPU (see Script/RT1ImageM
     accelerate launch Script/RT1ImageCalvin.py
 """
 
+import os
 from functools import partial
 
 from accelerate import PartialState
@@ -108,4 +109,4 @@ train(policy, preprocess, dataset, TrainConfig(
     eval_checkpoints=EVAL_CHECKPOINTS, eval_only=EVAL_ONLY, seed=SEED,
 ), evaluator, param_groups=net.param_groups(LR_VISION))
 if PartialState().is_main_process:
-    report(f"Save/{RUN_NAME}")  # CALVIN's table: success after 1..5 subtasks, average length, per task
+    report(os.path.join("Save", RUN_NAME))  # CALVIN's table: success after 1..5 subtasks, average length, per task
