@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from mimictest.atomic import write_text
 from mimictest.cpu import configure_cpu
 from mimictest.data.prefetcher import Prefetcher, endless, map_tensors
-from mimictest.precision import cpu_measurement, cpu_model
+from mimictest.precision import cpu_description, cpu_measurement
 from mimictest.preprocess import ActionSpace, Preprocessor
 
 
@@ -400,8 +400,7 @@ def lerobot_windows(path: str, cfg: BenchConfig) -> tuple[Dataset, dict]:
 
 def machine_line(device: torch.device) -> str:
     """What the timings ran on: the CPU model, its matmul-relevant flags, threads, torch (and the GPU)."""
-    name, flags = cpu_model()
-    line = f"{name} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    line = f"{cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     return line + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
 
 

@@ -40,6 +40,12 @@ def cpu_model() -> tuple[str, list[str]]:
     return name, [f for f in wanted if f in flags]
 
 
+def cpu_description() -> str:
+    """``"AMD EPYC (avx2), 2 logical cores"``: the CPU model, its matmul-relevant flags and core count."""
+    name, flags = cpu_model()
+    return f"{name} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} logical cores"
+
+
 def _matmul_seconds(dtype: torch.dtype) -> float:
     a = torch.randn(_SIZE, _SIZE, generator=torch.Generator().manual_seed(0)).to(dtype)
     b = a.t().contiguous()

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from mimictest.atomic import write_text
-from mimictest.precision import cpu_model
+from mimictest.precision import cpu_description, cpu_model
 
 REPORT_NAME = "report.html"
 VIDEOS_PER_EXECUTION = 4  # the last evaluation's first videos of each execution setting
@@ -356,7 +356,7 @@ def _config_section(config: dict) -> str:
 def _machine_section(run: dict) -> str:
     """The machine that wrote the report (it runs in the training process), and the CPU the evaluations recorded."""
     name, flags = cpu_model()
-    rows = [["CPU", _e(f"{name} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} logical cores")]]
+    rows = [["CPU", _e(cpu_description())]]
     if torch.cuda.is_available():
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         rows.append(["GPU", _e(", ".join(f"{g} x{gpus.count(g)}" for g in dict.fromkeys(gpus)))])
