@@ -286,20 +286,34 @@ _GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::con
 
 
 def _module_ranges(policy: torch.nn.Module) -> list:
-    """Name each direct child's (and grandchild's) forward in the profile: ``module: obs_encoder.rgb``."""
+    """Name each direct child's (and grandchild's) forward in the profile: ``module: obs_encoder.rgb``.
+
+    A ``ModuleList`` or ``ModuleDict`` has no forward of its own, so its members are timed under its
+    name (``net.blocks`` sums the transformer's blocks).
+    """
+    containers = (torch.nn.ModuleList, torch.nn.ModuleDict)
+
+    def labelled(parent: torch.nn.Module, prefix: str, depth: int):
+        for name, child in parent.named_children():
+            if isinstance(child, containers):
+                yield from ((prefix + name, member) for member in child.children())
+            else:
+                yield prefix + name, child
+                if depth < 1:
+                    yield from labelled(child, f"{prefix}{name}.", depth + 1)
+
     handles = []
-    for name, module in policy.named_modules():
-        if name and name.count(".") <= 1:
-            ranges: list = []
+    for name, module in labelled(policy, "", 0):
+        ranges: list = []
 
-            def enter(_m, _args, label=f"module: {name}", ranges=ranges):
-                ranges.append(torch.profiler.record_function(label))
-                ranges[-1].__enter__()
+        def enter(_m, _args, label=f"module: {name}", ranges=ranges):
+            ranges.append(torch.profiler.record_function(label))
+            ranges[-1].__enter__()
 
-            def leave(_m, _args, _out, ranges=ranges):
-                ranges.pop().__exit__(None, None, None)
+        def leave(_m, _args, _out, ranges=ranges):
+            ranges.pop().__exit__(None, None, None)
 
-            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     return handles
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from mimictest import bench
 from mimictest.precision import cpu_description
 
@@ -43,6 +45,30 @@ def test_bench_train_profile_splits_the_step(tmp_path, capsys):
     assert profile["gemm_ms"] > 0 and profile["gemm_gflops"] > 0
     printed = capsys.readouterr().out
     assert "module (forward only)" in printed and "GFLOP/s for a 1024^3 fp32 matmul" in printed
+
+
+def test_profile_times_module_list_members_under_the_list_name():
+    """A ModuleList has no forward: its members' time is counted under its name, once per member call."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    net = Net()
+    handles = bench._module_ranges(net)
+    with torch.profiler.profile() as prof:
+        net(torch.zeros(1, 4))
+    for handle in handles:
+        handle.remove()
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("module: ")}
+    assert counts == {"module: blocks": 3, "module: head": 1}
 
 
 def test_speedups_compare_equal_precision_and_best_of_each():
