@@ -448,7 +448,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+    # The interval contains p; rounding alone would put 50/50's upper bound at 99.99999999999999.
+    return 100.0 * max(0.0, min(p, centre - half)), 100.0 * min(1.0, max(p, centre + half))
 
 
 def _rates(records: list[dict]) -> dict:

@@ -218,7 +218,10 @@ def _interval_line(ax, points: list[tuple[int, dict]], label: str, index: int) -
     line, = ax.plot(steps, rate, marker="osD^v"[index % 5], ms=5, lw=1.5, label=label, mfc="none")
     if len(points) > 1:
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
-    ax.errorbar(steps, rate, yerr=[np.subtract(rate, lo), np.subtract(hi, rate)], fmt="none",
+    # Clipped at 0: summaries written before wilson_interval held the rate inside by construction
+    # can have 50/50's upper bound a rounding error below 100%.
+    yerr = [np.maximum(np.subtract(rate, lo), 0), np.maximum(np.subtract(hi, rate), 0)]
+    ax.errorbar(steps, rate, yerr=yerr, fmt="none",
                 ecolor=line.get_color(), alpha=0.6, capsize=3)
 
 

@@ -120,6 +120,10 @@ def test_wilson_interval():
     assert lo == pytest.approx(23.66, abs=0.01) and hi == pytest.approx(76.34, abs=0.01)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(27.75, abs=0.01)
     assert wilson_interval(10, 10)[1] == pytest.approx(100.0) and wilson_interval(10, 10)[0] == pytest.approx(72.25, abs=0.01)
+    for n in range(1, 201):  # the interval holds the rate exactly, rounding included: 50/50 reaches 100.0
+        for k in (0, 1, n // 2, n - 1, n):
+            lo, hi = wilson_interval(k, n)
+            assert lo <= 100.0 * k / n <= hi
 
 
 def test_summary_has_per_task_rates_and_their_mean():

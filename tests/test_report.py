@@ -141,6 +141,20 @@ def test_report_before_any_evaluation(run, tmp_path):
         write_report(str(tmp_path / "empty"))
 
 
+def test_report_of_a_perfect_run_whose_bound_rounded_below_100(run, tmp_path):
+    """50/50 saved with an upper bound of 99.99999999999999 (summaries written before the fix) still plots."""
+    perfect = tmp_path / "perfect"
+    shutil.copytree(run, perfect)
+    for name in os.listdir(perfect):
+        if name.startswith("eval_step") and name.endswith(".json"):
+            saved = json.load(open(perfect / name))
+            for summary in [saved["summary"], *saved["summary"].get("tasks", {}).values()]:
+                summary["success_rate"], summary["success_ci95"] = 100.0, [92.86523998213858, 99.99999999999999]
+            json.dump(saved, open(perfect / name, "w"))
+    page = open(write_report(str(perfect))).read()
+    assert "92.9-100.0" in page and page.count("<img class=plot") == 2, "the success plot is drawn"
+
+
 @needs_chromium
 def test_report_renders_in_chromium(run, tmp_path):
     page = open(write_report(run)).read()
