@@ -205,5 +205,6 @@ def test_cameras_of_different_sizes_end_to_end(tmp_path):
     evaluator = Evaluator(tasks=[EvalTask("reach-v3", make_env, 2, task=0)], num_envs=1, obs_horizon=2, exec_start=1,
                           exec_end=5, num_videos=0)
     summary = train(policy, preprocess, ds, TrainConfig(run_name="mixed", max_steps=3, batch_size=4, num_workers=0,
-                                                        log_every=3, warmup_steps=1, lr=1e-4, weight_decay=1e-6, betas=(0.95, 0.999), lr_schedule="cosine", grad_clip=0.0, ema=True, save_root=str(tmp_path / "Save")), evaluator)
+                                                        log_every=3, warmup_steps=1, lr=1e-4, weight_decay=1e-6, betas=(0.95, 0.999), lr_schedule="cosine", grad_clip=0.0, ema=True, save_root=str(tmp_path / "Save"),
+                                                        bf16=False), evaluator)  # fp32 on every CPU: the subject is the camera sizes
     assert summary["episodes"] == 2 and summary["tasks"]["reach-v3"]["mean_length"] == 6
