@@ -577,7 +577,7 @@ def cmd_infer(args: argparse.Namespace) -> list[dict]:
                 policy = with_sampler(policy, sampler, steps).to(device).eval()
             if cfg.policy == "florence-flow":  # the observation prefix once per chunk, or again at every Euler step
                 policy.cache_prefix = sampler == "euler, cached prefix"
-            for batch_size in (1, args.envs):
+            for batch_size in sorted({1, args.envs}):  # --envs 1: batch 1 once
                 data = SyntheticWindows(cfg, length=batch_size)
                 items = [data[i] for i in range(batch_size)]
                 raw = map_tensors(default_collate([{k: it[k] for k in ("rgb", "low_dim") if k in it} for it in items]),
