@@ -13,9 +13,11 @@ Values changed for the CPU, with mimictest's (Florence-2-base on Square) and the
 them: 1 observation step (mimictest: 2), batch 32 (mimictest: 64), lr 3e-4 constant
 after 200 warmup steps (mimictest: 1e-4), training stopped after MAX_MINUTES = 55, evaluation on 2
 parallel envs. With no dataset at DATASET_PATH, the scripted Lift expert first writes NUM_DEMOS
-episodes with images (about 10 s an episode on a CPU, 15-20 minutes; the file is shared with the
-other image Lift scripts). Budget on a 2-core CPU: demos (once) + 55 minutes of training + the
-50-episode evaluation, under 90 minutes in all.
+episodes with images (about 12 s an episode on a CPU, 20 minutes; the file is shared with the
+other image Lift scripts). Budget on a 2-core CPU: 55 minutes of training + the 50-episode
+evaluation, 75 minutes with the demos present, 95 when the script writes them first. Measured on one
+Zen 4 core: step 2200 in the 55 minutes, evaluation 1099 s, 92.0% (95% CI 81.2-96.8) over 50 episodes
+(docs/benchmarks.md, "Florence-2").
     pip install -e ".[florence]"
     accelerate launch Script/FlorenceDiTImageLift.py
 Script/FlorenceFlowImageLift.py is the same experiment with the flow-matching head.

@@ -13,9 +13,11 @@ Values changed for the CPU, with mimictest's (Florence-2-base on Square) and the
 them: 1 observation step (mimictest: 2; pi0: 1), batch 32 (mimictest: 192), lr 3e-4 constant
 after 200 warmup steps (mimictest: 1e-4), training stopped after MAX_MINUTES = 55, evaluation on 2
 parallel envs. With no dataset at DATASET_PATH, the scripted Lift expert first writes NUM_DEMOS
-episodes with images (about 10 s an episode on a CPU, 15-20 minutes; the file is shared with the
-other image Lift scripts). Budget on a 2-core CPU: demos (once) + 55 minutes of training + the
-50-episode evaluation, under 90 minutes in all.
+episodes with images (about 12 s an episode on a CPU, 20 minutes; the file is shared with the
+other image Lift scripts). Budget on a 2-core CPU: 55 minutes of training + the 50-episode
+evaluation, 75 minutes with the demos present, 95 when the script writes them first. Measured on one
+Zen 4 core: step 3100 in the 55 minutes, evaluation 1050 s, 88.0% (95% CI 76.2-94.4) over 50 episodes
+(docs/benchmarks.md, "Florence-2").
     pip install -e ".[florence]"
     accelerate launch Script/FlorenceFlowImageLift.py
 Script/FlorenceDiTImageLift.py is the same experiment with the DiT diffusion head.
