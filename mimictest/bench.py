@@ -173,14 +173,6 @@ def florence_policy(cfg: BenchConfig, action_dim: int) -> torch.nn.Module:
     return FlowMatchingPolicy(FlorenceActionExpert(backbone, action_dim, cfg.chunk), action_dim, cfg.chunk, num_flow_steps=10)
 
 
-def with_sampler(policy: torch.nn.Module, sampler: str, steps: int) -> torch.nn.Module:
-    """The same diffusion networks (shared, not copied) behind another sampler and step count."""
-    from mimictest.policies.diffusion import DiffusionPolicy
-
-    return DiffusionPolicy(policy.obs_encoder, policy.noise_net, policy.action_dim, policy.chunk_size,
-                           sampler=sampler, num_inference_steps=steps)
-
-
 class SyntheticWindows(Dataset):
     """Random uint8 images / float vectors with a configuration's item shapes (as a reader yields them)."""
 
@@ -574,7 +566,7 @@ def cmd_infer(args: argparse.Namespace) -> list[dict]:
         samplers = FLORENCE_SAMPLERS.get(cfg.policy, samplers)
         for sampler, steps in samplers:
             if cfg.policy.startswith("diffusion"):
-                policy = with_sampler(policy, sampler, steps).to(device).eval()
+                policy = policy.with_sampler(sampler, steps).to(device).eval()
             if cfg.policy == "florence-flow":  # the observation prefix once per chunk, or again at every Euler step
                 policy.cache_prefix = sampler == "euler, cached prefix"
             for batch_size in sorted({1, args.envs}):  # --envs 1: batch 1 once
@@ -660,7 +652,7 @@ def cmd_envs(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     policy, preprocess = build_policy(cfg, action_range=(low, high))
     if cfg.policy.startswith("diffusion"):
-        policy = with_sampler(policy, "ddim", 10)  # the CPU scripts' sampler
+        policy = policy.with_sampler("ddim", 10)  # the CPU scripts' sampler
     policy.to(device).eval()
     if args.channels_last:
         policy.to(memory_format=torch.channels_last)

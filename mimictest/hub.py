@@ -21,6 +21,8 @@ embeddings cover the training instructions, and a new instruction is refused wit
 ``python -m mimictest.evaluate POLICY_DIR --episodes 50`` rolls a saved policy out in its
 benchmark's env (``evaluate_main``), prints the success table and writes every episode to
 ``POLICY_DIR/eval/episodes<N>.json`` (videos, with ``--videos K``, to ``POLICY_DIR/eval/videos/``).
+``--sampler ddim --inference-steps 10`` evaluates a diffusion policy with another sampler than it
+was saved with (written to ``episodes<N>_ddim10.json``).
 Paths in the env's recipe (CALVIN's ``dataset_path``) are as the script gave them: run it from the
 same working directory.
 """
@@ -144,6 +146,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--videos", type=int, default=0, help="rollouts to save as mp4 in POLICY_DIR/eval/videos/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy's sampling noise")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
+                        help="a diffusion policy's sampler for this evaluation (default: the saved one)")
+    parser.add_argument("--inference-steps", type=int, default=10, help="denoising steps with --sampler ddim")
     args = parser.parse_args(argv)
     if args.episodes is not None and args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
@@ -151,6 +156,15 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         loaded = from_pretrained(args.policy_dir, args.device)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    policy, tag = loaded.policy, ""
+    if args.sampler is not None:
+        if not hasattr(policy, "with_sampler"):
+            parser.error(f"--sampler needs a diffusion policy; {args.policy_dir} holds a {type(policy).__name__}")
+        try:
+            policy = policy.with_sampler(args.sampler, args.inference_steps).eval()
+        except ValueError as exc:
+            parser.error(str(exc))
+        tag = f"_{args.sampler}{policy.sample_scheduler.num_inference_steps}"  # _ddpm100, _ddim10
     evaluator = loaded.evaluator
     if evaluator is None:
         parser.error(f"{args.policy_dir} was saved without an evaluator (save_pretrained(..., evaluator=...)); "
@@ -159,14 +173,14 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     evaluator = dataclasses.replace(evaluator, tasks=tasks, num_envs=args.num_envs or evaluator.num_envs,
                                     num_videos=args.videos)
     seed_everything(args.seed)
-    predictor = Predictor(loaded.policy, loaded.preprocess, torch.device(args.device))
+    predictor = Predictor(policy, loaded.preprocess, torch.device(args.device))
     video_dir = os.path.join(args.policy_dir, "eval", "videos") if args.videos else None
     try:
         records = evaluator.rollouts(predictor, video_dir=video_dir, progress=True)
     finally:
         evaluator.close()
     summary = summarize(records)
-    out = os.path.join(args.policy_dir, "eval", f"episodes{evaluator.num_episodes}.json")
+    out = os.path.join(args.policy_dir, "eval", f"episodes{evaluator.num_episodes}{tag}.json")
     save_results({**summary, "execution": evaluator.execution}, records, out)
     print(format_table(summary))
     print(f"episodes written to {out}")

@@ -125,7 +125,7 @@ def test_policy_overfits_and_samples_in_range() -> None:
     policy.eval()
     obs = {"low_dim": batch["low_dim"]}
     ddpm = policy.predict(obs)
-    ddim = DiffusionPolicy(enc, net, ACT, CHUNK, sampler="ddim", num_inference_steps=10).eval().predict(obs)
+    ddim = policy.with_sampler("ddim", 10).eval().predict(obs)
     for out in (ddpm, ddim):
         assert out.shape == (16, CHUNK, ACT)
         assert out.min() >= -1.0 and out.max() <= 1.0
@@ -140,6 +140,9 @@ def test_sample_prediction_reaches_target(sampler: str) -> None:
     train(policy, batch, steps=100)
     out = policy.eval().predict({"low_dim": batch["low_dim"]})
     assert (out - target).abs().mean() < 0.05
+    other = policy.with_sampler("ddim" if sampler == "ddpm" else "ddpm", 10).eval()  # the same networks, sampled otherwise
+    assert other.noise_net is policy.noise_net and other.prediction_type == "sample"
+    assert (other.predict({"low_dim": batch["low_dim"]}) - target).abs().mean() < 0.05  # read as epsilon, it would not
 
 
 def test_mask_padding() -> None:

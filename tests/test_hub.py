@@ -180,6 +180,11 @@ def test_evaluate_cli_runs_a_saved_pusht_policy(tmp_path):
         episodes = json.load(fh)["episodes"]
     assert len(episodes) == 2 and all(e["length"] == 8 for e in episodes)
     assert [e["task"] for e in episodes] == ["pusht", "pusht"]
+    ddpm = subprocess.run([sys.executable, "-m", "mimictest.evaluate", folder, "--episodes", "2", "--sampler", "ddpm"],
+                          capture_output=True, text=True, timeout=300)  # the saved DDIM policy, sampled with DDPM
+    assert ddpm.returncode == 0, ddpm.stderr[-2000:]
+    with open(os.path.join(folder, "eval", "episodes2_ddpm10.json")) as fh:  # all 10 training steps
+        assert len(json.load(fh)["episodes"]) == 2
     save_pretrained(policy, preprocess, folder, evaluator=evaluator)  # a relaunched run saves over its own policy
     missing = subprocess.run([sys.executable, "-m", "mimictest.evaluate", str(tmp_path / "none")], capture_output=True,
                              text=True, timeout=300)

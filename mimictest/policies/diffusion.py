@@ -74,6 +74,16 @@ class DiffusionPolicy(Policy):
             self.sample_scheduler.set_timesteps(num_inference_steps)
         self.sampler = sampler
 
+    def with_sampler(self, sampler: Literal["ddpm", "ddim"], num_inference_steps: int) -> "DiffusionPolicy":
+        """The same networks (shared, not copied) and training settings behind another sampler.
+
+        Sampling is not part of training, so a policy trained once can be evaluated with DDPM and
+        DDIM (``python -m mimictest.evaluate POLICY_DIR --sampler ddim --inference-steps 10``).
+        """
+        return DiffusionPolicy(self.obs_encoder, self.noise_net, self.action_dim, self.chunk_size, sampler=sampler,
+                               num_inference_steps=num_inference_steps, num_train_timesteps=self.num_train_timesteps,
+                               prediction_type=self.prediction_type, mask_padding=self.mask_padding)
+
     def _global_cond(self, batch: dict[str, Tensor]) -> Tensor:
         """Encode the observations once -> `(B, T_obs * F)`."""
         return self.obs_encoder(batch).flatten(1)
