@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mimictest.nets.obs_encoder import ObsEncoder
-from mimictest.nets.unet1d import ConditionalUnet1D, SameConv1d
+from mimictest.nets.unet1d import ConditionalUnet1D, MatmulConv1d, TimeGroupNorm, Upsample1d
 from mimictest.nets.vision import ResNet18SpatialSoftmax
 from mimictest.policies.diffusion import DiffusionPolicy
 from mimictest.policies.ema import EMA
@@ -50,25 +50,39 @@ def test_unet_shapes(horizon: int) -> None:
     assert net(torch.randn(3, horizon, 10), 7, torch.randn(3, 38)).shape == (3, horizon, 10)
 
 
-@pytest.mark.parametrize("kernel_size", [1, 5])
-def test_same_conv1d_matches_conv1d(kernel_size: int) -> None:
-    """The matmul convolution gives nn.Conv1d's output and gradients with the same parameters."""
-    torch.manual_seed(0)
-    ours = SameConv1d(6, 4, kernel_size)
-    ref = torch.nn.Conv1d(6, 4, kernel_size, padding=kernel_size // 2)
+def assert_matches_on_time_major(ours: nn.Module, ref: nn.Module, in_ch: int, horizon: int) -> None:
+    """``ours`` on ``(B, T, C)`` gives ``ref``'s output and gradients on ``(B, C, T)``, with the same parameters."""
     ref.load_state_dict(ours.state_dict())
-    x = torch.randn(3, 6, 8, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
+    x = torch.randn(3, horizon, in_ch, requires_grad=True)
+    x_ref = x.detach().transpose(1, 2).clone().requires_grad_()
     out, out_ref = ours(x), ref(x_ref)
-    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(out, out_ref.transpose(1, 2))
+    assert out.is_contiguous()  # the next layer's input, with no transposed copy
     grad = torch.randn_like(out)
     out.backward(grad)
-    out_ref.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad)
+    out_ref.backward(grad.transpose(1, 2))
+    torch.testing.assert_close(x.grad, x_ref.grad.transpose(1, 2))
     torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
     torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+
+
+@pytest.mark.parametrize("kernel_size, stride", [(1, 1), (5, 1), (3, 2)])
+def test_matmul_conv1d_matches_conv1d(kernel_size: int, stride: int) -> None:
+    """The UNet's convolutions (stride 1, and its stride-2 downsampling) as matmuls on time-major activations."""
+    torch.manual_seed(0)
+    ref = torch.nn.Conv1d(6, 4, kernel_size, stride=stride, padding=kernel_size // 2)
+    assert_matches_on_time_major(MatmulConv1d(6, 4, kernel_size, stride), ref, in_ch=6, horizon=8)
     with pytest.raises(ValueError, match="odd kernel_size"):
-        SameConv1d(6, 4, 4)
+        MatmulConv1d(6, 4, 4)
+
+
+def test_upsample_and_group_norm_match_torch() -> None:
+    torch.manual_seed(0)
+    ref = torch.nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1)
+    assert_matches_on_time_major(Upsample1d(6, 4), ref, in_ch=6, horizon=4)
+    norm = TimeGroupNorm(2, 6)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)  # not the identity-like initialisation
+    assert_matches_on_time_major(norm, torch.nn.GroupNorm(2, 6), in_ch=6, horizon=8)
 
 
 def test_unet_rejects_bad_inputs() -> None:
