@@ -81,7 +81,8 @@ def test_upsample_and_group_norm_match_torch() -> None:
     ref = torch.nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1)
     assert_matches_on_time_major(Upsample1d(6, 4), ref, in_ch=6, horizon=4)
     norm = TimeGroupNorm(2, 6)
-    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)  # not the identity-like initialisation
+    torch.nn.init.normal_(norm.weight)  # not the identity-like initialisation
+    torch.nn.init.normal_(norm.bias)
     assert_matches_on_time_major(norm, torch.nn.GroupNorm(2, 6), in_ch=6, horizon=8)
 
 

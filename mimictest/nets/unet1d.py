@@ -83,7 +83,7 @@ class Upsample1d(nn.ConvTranspose1d):
     def forward(self, x: Tensor) -> Tensor:
         """`(B, T, in_ch)` -> `(B, 2T, out_ch)`."""
         batch, horizon, in_ch = x.shape
-        taps = (x.reshape(batch * horizon, in_ch) @ self.weight.reshape(in_ch, -1))  # (B*T, out_ch*4)
+        taps = x.reshape(batch * horizon, in_ch) @ self.weight.reshape(in_ch, -1)  # (B*T, out_ch*4)
         taps = taps.view(batch, horizon, self.out_channels, 4)  # (B, T, out_ch, tap)
         even = taps[..., 1] + F.pad(taps[:, :-1, :, 3], (0, 0, 1, 0))  # (B, T, out_ch): x[m] w1 + x[m-1] w3
         odd = taps[..., 2] + F.pad(taps[:, 1:, :, 0], (0, 0, 0, 1))  # x[m] w2 + x[m+1] w0
